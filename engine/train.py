@@ -1,0 +1,339 @@
+"""One LoRA fine-tune, top to bottom: `train(cfg, out_dir, sink, should_stop) -> TrainResult`.
+
+    python -m engine train examples/quickstart.yaml          # the CLI wraps this function
+
+Phases: 1) seed, threads, device  2) model + LoRA  3) data  4) optimizer + schedule  5) resume
+        6) loop: accumulate → clip → step → log → eval → checkpoint  7) adapter, spectra, summary
+
+The loop knows nothing of SQLite, Gradio or subprocesses: it reports through a MetricsSink and stops
+when should_stop() says so (the CLI wires that to SIGTERM), saving a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from engine import data as D
+from engine import model as M
+from engine.config import RunConfig
+from engine.events import MetricsSink, NullSink
+from engine.home import data_home
+
+KEEP_CHECKPOINTS = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient became NaN/inf."""
+
+
+@dataclass
+class TrainResult:
+    status: str                      # succeeded | cancelled
+    steps_done: int
+    total_steps: int
+    adapter_dir: str
+    checkpoint_dir: str | None
+    final_loss: float | None
+    best_val_loss: float | None
+    final_val_loss: float | None
+    tokens_seen: int
+    duration_s: float
+    peak_mem_gb: float
+    trainable_params: int
+    total_params: int
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def get_lr(step: int, cfg: RunConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+    tr = cfg.train
+    # 1) linear warmup
+    if step < tr.warmup_steps:
+        return (step + 1) / (tr.warmup_steps + 1)
+    if tr.scheduler == "constant":
+        return 1.0
+    # 2) decay over the remaining steps, down to 10% (cosine) or 0 (linear)
+    progress = min(1.0, (step - tr.warmup_steps) / max(1, total_steps - tr.warmup_steps))
+    if tr.scheduler == "linear":
+        return 1.0 - progress
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def pick_threads(requested: int) -> int:
+    """0 = auto: every core on an idle machine, one thread when something else is busy.
+
+    Two torch threads collapse to a third of their speed when the other core is busy (stack-notes.md);
+    one thread holds up. LORALAB_TRAIN_THREADS overrides.
+    """
+    if os.environ.get("LORALAB_TRAIN_THREADS"):
+        return max(1, int(os.environ["LORALAB_TRAIN_THREADS"]))
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] >= 0.75 * max(1, cores - 1) if hasattr(os, "getloadavg") else False
+    return 1 if busy else cores
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
+          should_stop: Callable[[], bool] = lambda: False, *, resume_from: str | Path | None = None,
+          home: Path | None = None) -> TrainResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    home = home or data_home()
+    t_start = time.time()
+
+    # 1) seed, threads, device ------------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    device = M.pick_device()
+    if device.type == "cpu":
+        torch.set_num_threads(pick_threads(cfg.train.threads))
+    else:
+        torch.cuda.reset_peak_memory_stats()
+    rss_base = rss_gb()  # CPU memory is reported as growth of peak RSS over this baseline
+
+    # 2) model + LoRA -------------------------------------------------------------------------
+    ref = M.resolve_model(cfg.model, home)
+    tok = M.load_tokenizer(ref, cfg.trust_remote_code)
+    base = M.load_base_model(ref, cfg, device)
+    modules = M.describe(base)
+    model = M.attach_lora(base, cfg, modules, model_name=cfg.model)
+    trainable, total = M.count_params(model)
+    reference = None
+    if cfg.lora.init != "gaussian":
+        # PiSSA/OLoRA change the base weight to W − B₀A₀; spectra must measure against the original W,
+        # and the saved adapter is converted so that it applies to the original base.
+        from engine.spectra import capture_reference
+
+        reference = capture_reference(model)
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(out_dir / "init_adapter")
+        model.peft_config["default"].init_lora_weights = cfg.lora.init
+    dtype = M.compute_dtype(cfg, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and cfg.quant == "none")
+
+    # 3) data -----------------------------------------------------------------------------------
+    prep = D.prepare(cfg, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tr = cfg.train
+    micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // tr.grad_accum)
+    total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * micro_per_epoch / tr.grad_accum))
+
+    # 4) optimizer + schedule ----------------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    if cfg.lora.freeze_A:
+        from peft.optimizers import create_lorafa_optimizer
+
+        opt = create_lorafa_optimizer(model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lr=tr.lr,
+                                      weight_decay=tr.weight_decay)
+    elif cfg.lora.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=tr.lr, loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+                                        weight_decay=tr.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: get_lr(s, cfg, total_steps))
+
+    # 5) resume -----------------------------------------------------------------------------------
+    step, tokens_seen, best_val, elapsed_before = 0, 0, None, 0.0
+    if resume_from:
+        state = load_checkpoint(Path(resume_from), model, opt, sched)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        best_val, elapsed_before = state.get("best_val_loss"), state.get("elapsed_s", 0.0)
+    sink.set_summary(total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device))
+    sink.log(step, {"total_steps": total_steps, "train/examples": len(prep.train), "val/examples": len(prep.val)})
+
+    batches = D.micro_batches(len(prep.train), tr.batch_size, tr.seed)
+    for _ in range(step * tr.grad_accum):  # skip what was already trained; the order is a pure function
+        next(batches)
+
+    # 6) the loop ---------------------------------------------------------------------------------
+    model.train()
+    loss_acc = torch.zeros((), device=device)  # summed on device: no host sync until a log step
+    tok_window, t_window, t_loop = 0, time.time(), time.time()
+    steps_at_start = step
+    last_loss, last_val, status, ckpt = None, None, "succeeded", None
+    while step < total_steps:
+        if should_stop():
+            status = "cancelled"
+            break
+        micro = [[prep.train[i] for i in next(batches)] for _ in range(tr.grad_accum)]
+        n_label = sum(e.n_label_tokens for mb in micro for e in mb)  # normalise over the whole step
+        for mb in micro:
+            batch = {k: v.to(device) for k, v in D.collate(mb, pad_id).items()}
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Sum of per-token losses / label tokens of the whole step: every token weighs the same,
+            # however the step's examples are split into micro-batches.
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                ignore_index=D.IGNORE, reduction="sum") / n_label
+            loss.backward()
+            loss_acc += loss.detach()
+        step_tokens = sum(len(e.input_ids) for mb in micro for e in mb)  # counted on the host: no sync
+        tokens_seen += step_tokens
+        tok_window += step_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm if tr.max_grad_norm > 0 else float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % tr.log_every == 0 or step == total_steps:
+            last_loss, gn = float(loss_acc), float(grad_norm)  # the one host sync of the step
+            if not (math.isfinite(last_loss) and math.isfinite(gn)):
+                raise TrainingDiverged(f"loss became {last_loss} (grad norm {gn}) at step {step}; lower train.lr "
+                                       f"(now {tr.lr}) or raise warmup_steps, or use dtype fp32")
+            now = time.time()
+            rate = (step - steps_at_start) / max(1e-9, now - t_loop)
+            sink.log(step, {"train/loss": last_loss, "lr": sched.get_last_lr()[0], "grad_norm": gn,
+                            "tokens_per_s": tok_window / max(1e-9, now - t_window), "tokens_seen": tokens_seen,
+                            "epoch": step / steps_per_epoch, "elapsed_s": elapsed_before + now - t_start,
+                            "eta_s": (total_steps - step) / max(rate, 1e-9), "total_steps": total_steps,
+                            "mem/peak_gb": peak_mem_gb(device, rss_base)})
+            tok_window, t_window = 0, now
+        loss_acc.zero_()
+
+        if prep.val and (step % tr.eval_every == 0 or step == total_steps):
+            last_val = evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast)
+            best_val = last_val if best_val is None else min(best_val, last_val)
+            sink.log(step, {"val/loss": last_val})
+        if tr.save_every and step % tr.save_every == 0 and step < total_steps:
+            ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val,
+                                   elapsed_before + time.time() - t_start, keep=KEEP_CHECKPOINTS)
+            sink.log(step, {"checkpoint": step})
+
+    # 7) adapter, spectra, summary ---------------------------------------------------------------------
+    elapsed = elapsed_before + time.time() - t_start
+    ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=KEEP_CHECKPOINTS)
+    adapter_dir = save_adapter(model, tok, out_dir, cfg)
+    extra = {"format": prep.format, "rows": prep.n_rows, "dropped": prep.n_dropped, "train_examples": len(prep.train),
+             "val_examples": len(prep.val), "data_fingerprint": prep.fingerprint}
+    try:
+        from engine.spectra import model_spectra
+
+        spectra = model_spectra(model, reference)
+        sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
+    except ImportError:  # spectra module not installed in this build
+        pass
+    result = TrainResult(status, step, total_steps, str(adapter_dir), str(ckpt) if ckpt else None, last_loss,
+                         best_val, last_val, tokens_seen, elapsed, peak_mem_gb(device, rss_base), trainable, total,
+                         str(device), extra)
+    sink.set_summary(final_loss=last_loss, best_val_loss=best_val, final_val_loss=last_val, steps_done=step,
+                     tokens_seen=tokens_seen, duration_s=elapsed, peak_mem_gb=result.peak_mem_gb,
+                     adapter_dir=str(adapter_dir), summary=extra)
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[D.Example], batch_size: int, pad_id: int, device, autocast) -> float:
+    """Mean per-token loss over the validation examples (dropout off)."""
+    model.eval()
+    total, n = torch.zeros((), device=device, dtype=torch.float64), 0
+    for i in range(0, len(examples), batch_size):
+        mb = examples[i: i + batch_size]
+        batch = {k: v.to(device) for k, v in D.collate(mb, pad_id).items()}
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                   ignore_index=D.IGNORE, reduction="sum")
+        n += sum(e.n_label_tokens for e in mb)
+    model.train()
+    return float(total) / max(1, n)
+
+
+def peak_mem_gb(device: torch.device, rss_base: float) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return max(0.0, peak_rss_gb() - rss_base)
+
+
+# ---- saving and resuming ------------------------------------------------------------------------
+
+
+def save_adapter(model, tok, out_dir: Path, cfg: RunConfig) -> Path:
+    """Standard PEFT folder (adapter_config.json + adapter_model.safetensors) plus the tokenizer."""
+    target = out_dir / "adapter"
+    tmp = out_dir / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora.init != "gaussian":
+        # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
+        model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"))
+    else:
+        model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "loralab.json").write_text(json.dumps({"run_config": cfg.to_dict()}, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_checkpoint(out_dir: Path, model, opt, sched, step: int, tokens_seen: int, best_val: float | None,
+                    elapsed_s: float, keep: int = KEEP_CHECKPOINTS) -> Path:
+    """Adapter + optimizer + scheduler + step + RNG, written to a temp folder and renamed (crash-safe)."""
+    root = out_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    target = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()}, tmp / "trainer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed_s}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json); pick a runs/<id>/checkpoints/step-* folder")
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    blob = torch.load(path / "trainer.pt", weights_only=False)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    rng = blob["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())

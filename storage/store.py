@@ -1,0 +1,606 @@
+"""Store: the one source of truth for runs, their metrics and their spectra.
+
+The training child writes progress (`StoreSink`), the parent scheduler writes what the child
+cannot (that it died), and the UI polls with a cursor (`metrics_since`). Each method is one short
+transaction, `with self._sessions.begin() as s:`, and hands back frozen dataclasses, never ORM
+rows: Gradio runs handlers on a thread pool, and a detached row lazy-loading there fails.
+
+Whenever a write depends on the current status (claiming a queued run, finishing a run that may
+already be over), it is a single conditional `UPDATE ... WHERE status ...` whose rowcount says who
+won. That is atomic on SQLite and PostgreSQL alike, without locks or SQLite-only SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .schema import (
+    SCHEMA_VERSION,
+    SCHEMA_VERSION_KEY,
+    TERMINAL,
+    Base,
+    MetaRow,
+    MetricPoint,
+    MetricRow,
+    RunRecord,
+    RunRow,
+    RunStatus,
+    SpectrumRecord,
+    SpectrumRow,
+    UTCDateTime,
+    make_engine,
+    metric_value,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
+    from sqlalchemy.sql.dml import Delete, Update
+
+DB_URL_ENV = "LORALAB_DB_URL"
+DB_FILENAME = "loralab.db"
+METRIC_NAME_MAX = 64  # the width of metrics.name; checked here so SQLite fails like PostgreSQL
+
+_TERMINAL_VALUES = sorted(s.value for s in TERMINAL)
+
+# update_run() may set these columns, each coerced to its Python type before binding: numpy and
+# torch scalars are not bindable by the sqlite3 driver.
+_FIGURES: dict[str, type] = {
+    **dict.fromkeys(("final_loss", "best_val_loss", "final_val_loss"), float),
+    **dict.fromkeys(("duration_s", "peak_mem_gb", "est_mem_gb"), float),
+    **dict.fromkeys(("steps_done", "total_steps", "tokens_seen"), int),
+    **dict.fromkeys(("trainable_params", "total_params"), int),
+    **dict.fromkeys(("adapter_dir", "device"), str),
+}
+UPDATABLE_FIELDS = frozenset(_FIGURES) | {"summary"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def default_db_url(home: str | Path) -> str:
+    """`sqlite:///<home>/loralab.db`, with an absolute path so child processes agree on it."""
+    return f"sqlite:///{Path(home).expanduser().resolve() / DB_FILENAME}"
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy and torch values (scalars and arrays) all offer tolist(); paths become strings.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
+def _status(value: str) -> RunStatus:
+    try:
+        return RunStatus(value)
+    except ValueError:
+        allowed = ", ".join(s.value for s in RunStatus)
+        raise ValueError(f"unknown run status {value!r}; expected one of: {allowed}") from None
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """The value of final-figure column `name` as the plain Python type the column holds."""
+    if value is None:
+        return None
+    kind = _FIGURES[name]
+    got = f"{type(value).__name__} {value!r}"
+    wrong = TypeError(f"{name} must be {kind.__name__} or None, got {got}")
+    try:
+        if kind is int:
+            return operator.index(value)  # rejects 2.5 instead of truncating it
+        if kind is float and not isinstance(value, str):
+            return float(value)
+        if kind is str and isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    except TypeError as e:
+        raise wrong from e
+    raise wrong
+
+
+def _rowcount(s: Session, stmt: Update | Delete) -> int:
+    # We never load the row before a conditional UPDATE in the same session, so there is nothing
+    # in the identity map to synchronise.
+    result = s.execute(stmt.execution_options(synchronize_session=False))
+    return cast("CursorResult[Any]", result).rowcount
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class Store:
+    """Runs, metrics and spectra in one SQL database (SQLite by default, PostgreSQL by URL).
+
+    Safe to share between threads (each method opens its own short session) and between
+    processes (each opens its own Store on the same URL). In-memory SQLite (`sqlite://`) is the
+    exception: one shared connection, for single-threaded tests.
+    """
+
+    def __init__(self, url: str) -> None:
+        """Open the database at `url`, creating the tables if it is new.
+
+        Raises RuntimeError, saying what to do, if the database has another schema version.
+        """
+        self._url = url
+        self._engine = make_engine(url)
+        self._sessions = sessionmaker(self._engine)
+        try:
+            self._init_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @classmethod
+    def for_home(cls, home: str | Path) -> Store:
+        """Open the store of a LoRA Lab data home, creating the folder if needed.
+
+        The database is `<home>/loralab.db`, unless the environment variable LORALAB_DB_URL is
+        set (e.g. `postgresql+psycopg://user@host/loralab`): then that URL is used, and the home
+        folder still holds runs/ and datasets/.
+        """
+        home = Path(home).expanduser()
+        home.mkdir(parents=True, exist_ok=True)
+        return cls(os.environ.get(DB_URL_ENV) or default_db_url(home))
+
+    @property
+    def url(self) -> str:
+        """The URL as given (with any password): child processes open the same database with it."""
+        return self._url
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def _init_schema(self) -> None:
+        # Processes opening a new database at the same moment race to create it: the loser's
+        # CREATE TABLE or version INSERT fails because the winner's landed first. Trying again
+        # finds the winner's tables; a persistent error is still raised after the last attempt.
+        attempts = 5
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._create_or_check_schema()
+            except (OperationalError, IntegrityError, ProgrammingError):
+                if attempt == attempts:
+                    raise
+                time.sleep(0.05 * attempt)
+
+    def _create_or_check_schema(self) -> None:
+        with self._sessions.begin() as s:
+            conn = s.connection()
+            # Read the version before creating anything: older code must not add its tables to a
+            # database written by newer code.
+            MetaRow.__table__.create(conn, checkfirst=True)
+            found = s.get(MetaRow, SCHEMA_VERSION_KEY)
+            if found is not None:
+                self._check_schema_version(found.value)
+            Base.metadata.create_all(conn)
+            if found is None:
+                s.add(MetaRow(key=SCHEMA_VERSION_KEY, value=str(SCHEMA_VERSION)))
+
+    def _check_schema_version(self, found: str) -> None:
+        where = repr(self)
+        if not found.isdigit():
+            raise RuntimeError(f"{where}: meta.schema_version is {found!r}, not a number")
+        version = int(found)
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{where} has schema version {version}, but this LoRA Lab only knows version "
+                f"{SCHEMA_VERSION}. Upgrade LoRA Lab, or use another database "
+                f"(--home, or the {DB_URL_ENV} environment variable)."
+            )
+        if version < SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{where} has schema version {version}, older than {SCHEMA_VERSION}, and no "
+                f"migration exists for it. Move the database file aside to start a fresh one."
+            )
+
+    @staticmethod
+    def _require(s: Session, run_id: int) -> RunRow:
+        row = s.get(RunRow, run_id)
+        if row is None:
+            raise KeyError(f"no run with id {run_id}")
+        return row
+
+    def _update_if(self, run_id: int, conditions: Sequence[Any], **values: Any) -> bool:
+        """UPDATE runs SET values WHERE id = run_id AND conditions; True if the row changed.
+
+        False means the conditions did not hold; a missing run raises KeyError.
+        """
+        stmt = update(RunRow).where(RunRow.id == run_id, *conditions).values(**values)
+        with self._sessions.begin() as s:
+            if _rowcount(s, stmt) == 1:
+                return True
+            self._require(s, run_id)
+            return False
+
+    # -- runs: creation and lookup ------------------------------------------------------------
+
+    def create_run(
+        self,
+        name: str,
+        config: Mapping[str, Any],
+        out_dir: str | Path,
+        *,
+        model: str = "",
+        parent_id: int | None = None,
+        resume_from: str | None = None,
+        status: str = RunStatus.QUEUED,
+        est_mem_gb: float | None = None,
+        trainable_params: int | None = None,
+        total_params: int | None = None,
+    ) -> int:
+        """Insert a run and return its id (known only now: callers then name runs/<id>/)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (RunConfig.to_dict()), got {type(config)}")
+        status = _status(status)
+        now = utcnow()
+        row = RunRow(
+            name=name,
+            status=status.value,
+            config_json=_dumps(dict(config)),
+            model=model,
+            out_dir=os.fspath(out_dir),
+            parent_id=parent_id,
+            resume_from=resume_from,
+            created_at=now,
+            updated_at=now,
+            started_at=None if status is RunStatus.QUEUED else now,
+            finished_at=now if status in TERMINAL else None,
+            est_mem_gb=_coerce("est_mem_gb", est_mem_gb),
+            trainable_params=_coerce("trainable_params", trainable_params),
+            total_params=_coerce("total_params", total_params),
+        )
+        with self._sessions.begin() as s:
+            if parent_id is not None:
+                self._require(s, parent_id)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def set_out_dir(self, run_id: int, out_dir: str | Path) -> None:
+        with self._sessions.begin() as s:
+            self._require(s, run_id).out_dir = os.fspath(out_dir)
+
+    def get_run(self, run_id: int) -> RunRecord:
+        """The run with this id; KeyError if there is none."""
+        with self._sessions.begin() as s:
+            return self._require(s, run_id).to_record()
+
+    def list_runs(
+        self,
+        *,
+        status: str | Iterable[str] | None = None,
+        model: str | None = None,
+        limit: int = 500,
+    ) -> list[RunRecord]:
+        """Runs newest first, optionally only those with the given status(es) or base model."""
+        stmt = select(RunRow).order_by(RunRow.id.desc()).limit(limit)
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            stmt = stmt.where(RunRow.status.in_([_status(w).value for w in wanted]))
+        if model is not None:
+            stmt = stmt.where(RunRow.model == model)
+        with self._sessions.begin() as s:
+            return [row.to_record() for row in s.scalars(stmt)]
+
+    def queue_position(self, run_id: int) -> int | None:
+        """1 for the next run to start, 2 for the one after, ...; None if the run is not queued."""
+        with self._sessions.begin() as s:
+            if self._require(s, run_id).status != RunStatus.QUEUED:
+                return None
+            ahead = select(func.count()).where(
+                RunRow.status == RunStatus.QUEUED.value, RunRow.id <= run_id
+            )
+            return s.scalar(ahead)
+
+    def counts_by_status(self) -> dict[str, int]:
+        """How many runs have each status; every status is present, zeros included."""
+        counts = {status.value: 0 for status in RunStatus}
+        stmt = select(RunRow.status, func.count()).group_by(RunRow.status)
+        with self._sessions.begin() as s:
+            counts.update({status: n for status, n in s.execute(stmt)})
+        return counts
+
+    # -- runs: lifecycle -----------------------------------------------------------------------
+
+    def claim_next_queued(self, worker_pid: int) -> RunRecord | None:
+        """Take the oldest queued run and mark it running for `worker_pid`; None if none is queued.
+
+        Two schedulers may call this at once: the UPDATE only succeeds while the run is still
+        queued, so exactly one of them gets each run and the loser tries the next one.
+        """
+        oldest = (
+            select(RunRow.id)
+            .where(RunRow.status == RunStatus.QUEUED.value)
+            .order_by(RunRow.id)
+            .limit(1)
+        )
+        with self._sessions.begin() as s:
+            while (run_id := s.scalar(oldest)) is not None:
+                claim = (
+                    update(RunRow)
+                    .where(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED.value)
+                    .values(status=RunStatus.RUNNING.value, worker_pid=worker_pid)
+                    .values(started_at=utcnow())
+                )
+                if _rowcount(s, claim) == 1:
+                    return self._require(s, run_id).to_record()
+        return None
+
+    def mark_running(self, run_id: int, pid: int) -> bool:
+        """The training child reports in: status running, its pid, started_at if not yet set.
+
+        Returns False, changing nothing, if the run already ended (e.g. cancelled while the child
+        was starting): the child should then exit instead of training.
+        """
+        started = func.coalesce(RunRow.started_at, literal(utcnow(), UTCDateTime()))
+        return self._update_if(
+            run_id,
+            [RunRow.status.not_in(_TERMINAL_VALUES)],
+            status=RunStatus.RUNNING.value,
+            pid=pid,
+            started_at=started,
+        )
+
+    def finish(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        error: str | None = None,
+        exit_code: int | None = None,
+        only_if_not_terminal: bool = False,
+    ) -> bool:
+        """Set a terminal status and finished_at; True if the row was written.
+
+        With only_if_not_terminal, a run that already ended is left alone and False returned:
+        the parent's watcher uses it so that it never overwrites the child's own ending.
+        """
+        status = _status(status)
+        if status not in TERMINAL:
+            ends = ", ".join(sorted(_TERMINAL_VALUES))
+            raise ValueError(f"finish() needs a terminal status ({ends}), got {status.value!r}")
+        conditions = [RunRow.status.not_in(_TERMINAL_VALUES)] if only_if_not_terminal else []
+        return self._update_if(
+            run_id,
+            conditions,
+            status=status.value,
+            error=error,
+            exit_code=exit_code,
+            finished_at=utcnow(),
+        )
+
+    def requeue(self, run_id: int, *, resume_from: str | None) -> None:
+        """Put a run back in the queue, optionally to resume from a checkpoint.
+
+        Clears everything that described the previous attempt (pids, start and end, error), so
+        the timestamps and duration describe the attempt to come.
+        """
+        cleared = dict.fromkeys(
+            ["pid", "worker_pid", "error", "exit_code", "started_at", "finished_at"]
+        )
+        self._update_if(
+            run_id, [], status=RunStatus.QUEUED.value, resume_from=resume_from, **cleared
+        )
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        """Set final figures (final_loss, steps_done, ...) and/or merge keys into `summary`."""
+        unknown = sorted(set(fields) - UPDATABLE_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"update_run: unknown field(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(UPDATABLE_FIELDS))}"
+            )
+        summary = fields.pop("summary", None)
+        if summary is not None and not isinstance(summary, Mapping):
+            raise TypeError(f"summary must be a mapping, got {type(summary).__name__}")
+        values = {name: _coerce(name, value) for name, value in fields.items()}
+        with self._sessions.begin() as s:
+            row = self._require(s, run_id)
+            for name, value in values.items():
+                setattr(row, name, value)
+            if summary:
+                merged = json.loads(row.summary_json) if row.summary_json else {}
+                merged.update(summary)
+                row.summary_json = _dumps(merged)
+
+    def delete_run(self, run_id: int) -> None:
+        """Delete the run; the database cascades to metrics and spectra. Files are the caller's."""
+        with self._sessions.begin() as s:
+            if _rowcount(s, delete(RunRow).where(RunRow.id == run_id)) == 0:
+                raise KeyError(f"no run with id {run_id}")
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def log_metrics(self, run_id: int, step: int, metrics: Mapping[str, float | None]) -> None:
+        """Append one step's scalars in one transaction; None values are skipped."""
+        step = operator.index(step)
+        now = time.time()
+        rows = []
+        for name, value in metrics.items():
+            if value is None:
+                continue
+            if len(name) > METRIC_NAME_MAX:
+                raise ValueError(f"metric name longer than {METRIC_NAME_MAX} characters: {name!r}")
+            rows.append(
+                MetricRow(run_id=run_id, step=step, name=name, value=float(value), wall_time=now)
+            )
+        if not rows:
+            return
+        with self._sessions.begin() as s:
+            self._require(s, run_id)
+            s.add_all(rows)
+
+    def metrics_since(
+        self, run_id: int, after_id: int = 0, *, names: Iterable[str] | None = None
+    ) -> list[MetricPoint]:
+        """Points logged after cursor `after_id`, oldest first; the last id is the next cursor.
+
+        An unknown run has no points: the UI polls this and a deleted run is not an error there.
+        """
+        stmt = (
+            select(MetricRow)
+            .where(MetricRow.run_id == run_id, MetricRow.id > after_id)
+            .order_by(MetricRow.id)
+        )
+        if names is not None:
+            names = [names] if isinstance(names, str) else list(names)
+            stmt = stmt.where(MetricRow.name.in_(names))
+        with self._sessions.begin() as s:
+            return [row.to_record() for row in s.scalars(stmt)]
+
+    def metric_series(self, run_id: int, name: str) -> list[tuple[int, float]]:
+        """(step, value) pairs of one metric, by step.
+
+        A run resumed from a checkpoint logs some steps twice; the later value wins, so a plot
+        never runs backwards.
+        """
+        stmt = (
+            select(MetricRow.step, MetricRow.value)
+            .where(MetricRow.run_id == run_id, MetricRow.name == name)
+            .order_by(MetricRow.id)
+        )
+        with self._sessions.begin() as s:
+            by_step = {step: metric_value(value) for step, value in s.execute(stmt)}
+        return sorted(by_step.items())
+
+    def last_metrics(self, run_id: int) -> dict[str, float]:
+        """The latest value logged for each metric name of the run."""
+        latest_ids = (
+            select(func.max(MetricRow.id))
+            .where(MetricRow.run_id == run_id)
+            .group_by(MetricRow.name)
+        )
+        stmt = select(MetricRow.name, MetricRow.value).where(MetricRow.id.in_(latest_ids))
+        with self._sessions.begin() as s:
+            return {name: metric_value(value) for name, value in s.execute(stmt)}
+
+    # -- spectra -------------------------------------------------------------------------------
+
+    def save_spectra(
+        self,
+        run_id: int,
+        step: int,
+        spectra: Mapping[str, Sequence[float]],
+        extra: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Store σ(ΔW) per module at `step`, replacing what that step already held for them."""
+        step = operator.index(step)
+        extra = extra or {}
+        stray = sorted(set(extra) - set(spectra))
+        if stray:
+            raise ValueError(f"extra names modules that have no spectrum: {', '.join(stray)}")
+        rows = [
+            SpectrumRow(
+                run_id=run_id,
+                step=step,
+                module=module,
+                values_json=_dumps([float(v) for v in values]),
+                extra_json=_dumps(dict(extra[module])) if module in extra else None,
+            )
+            for module, values in spectra.items()
+        ]
+        if not rows:
+            return
+        replaced = delete(SpectrumRow).where(
+            SpectrumRow.run_id == run_id,
+            SpectrumRow.step == step,
+            SpectrumRow.module.in_(list(spectra)),
+        )
+        with self._sessions.begin() as s:
+            self._require(s, run_id)
+            s.execute(replaced)
+            s.add_all(rows)
+
+    def get_spectra(self, run_id: int, step: int | None = None) -> dict[str, SpectrumRecord]:
+        """Spectra of one step by module name, in the order saved; step None → the latest step."""
+        with self._sessions.begin() as s:
+            if step is None:
+                latest = select(func.max(SpectrumRow.step)).where(SpectrumRow.run_id == run_id)
+                step = s.scalar(latest)
+                if step is None:
+                    return {}
+            stmt = (
+                select(SpectrumRow)
+                .where(SpectrumRow.run_id == run_id, SpectrumRow.step == step)
+                .order_by(SpectrumRow.id)
+            )
+            return {row.module: row.to_record() for row in s.scalars(stmt)}
+
+    def spectra_steps(self, run_id: int) -> list[int]:
+        stmt = (
+            select(SpectrumRow.step)
+            .where(SpectrumRow.run_id == run_id)
+            .distinct()
+            .order_by(SpectrumRow.step)
+        )
+        with self._sessions.begin() as s:
+            return list(s.scalars(stmt))
+
+    # -- meta ----------------------------------------------------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._sessions.begin() as s:
+            row = s.get(MetaRow, key)
+            if row is None:
+                s.add(MetaRow(key=key, value=value))
+            else:
+                row.value = value
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        with self._sessions.begin() as s:
+            row = s.get(MetaRow, key)
+            return default if row is None else row.value
+
+
+class StoreSink:
+    """The engine's MetricsSink, writing each call straight to a Store.
+
+    It matches engine/events.py's Protocol structurally, so storage never imports engine. Nothing
+    is buffered: the trainer already logs only every `log_every` steps.
+    """
+
+    __slots__ = ("store", "run_id")
+
+    def __init__(self, store: Store, run_id: int) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.store.log_metrics(self.run_id, step, metrics)
+
+    def log_spectra(
+        self,
+        step: int,
+        spectra: Mapping[str, Sequence[float]],
+        extra: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.store.save_spectra(self.run_id, step, spectra, extra)
+
+    def set_summary(self, **fields: Any) -> None:
+        self.store.update_run(self.run_id, **fields)
