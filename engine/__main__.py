@@ -227,7 +227,56 @@ def cmd_inspect(args) -> int:
           f"heads: {info['num_attention_heads']} (kv {info['num_key_value_heads']})   vocab: {info['vocab_size']}")
     print("  LoRA-able modules (kind, group, count, in → out):")
     for k in info["kinds"]:
-        print(f"    {k['kind']:<14} {k['group']:<10} ×{k['count']:<4} {k['in_features']:>6} → {k['out_features']:<6}")
+        print(f"    {k['target']:<14} {k['group']:<10} ×{k['count']:<4} {k['in_features']:>6} → {k['out_features']:<6}")
+    return 0
+
+
+def cmd_preview(args) -> int:
+    """Dataset preview: format, counts, token lengths and the rendered chat template of one example."""
+    from engine.data import preview
+    from engine.model import load_tokenizer, resolve_model
+
+    try:
+        cfg = RunConfig.from_dict({"model": args.model, "dataset": args.dataset, "dataset_format": args.dataset_format,
+                                   "train_on": args.train_on, "train": {"max_seq_len": args.max_seq_len}})
+        tok = load_tokenizer(resolve_model(cfg.model, data_home(args.home)))
+        info = preview(cfg, tok)
+    except (ConfigError, ValueError, OSError) as e:  # DatasetError and ModelError are among these
+        if args.json:
+            print(json.dumps({"error": str(e)}))
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            if k != "rendered_example":
+                print(f"{k:>20}: {v}")
+        print("\n--- first example as the model sees it ---\n" + info["rendered_example"])
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    """What this machine can do: device, GPU memory, bf16, which quantization modes work, versions."""
+    import platform
+
+    import torch
+
+    from engine.model import quant_support
+
+    cuda = torch.cuda.is_available()
+    info = {"device": "cuda" if cuda else "cpu", "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(),
+            "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
+            "gpu_mem_gb": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
+            "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+            "quant": {k: {"ok": ok, "reason": why} for k, (ok, why) in quant_support().items()}}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            print(f"{k:>10}: {v}")
     return 0
 
 
@@ -272,6 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--trust-remote-code", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+    pv = sub.add_parser("preview", help="dataset preview: format, counts, token lengths, rendered template")
+    pv.add_argument("--model", default=EMBEDDED_MODEL, help="whose tokenizer and chat template to use")
+    pv.add_argument("--dataset", default="builtin:persona")
+    pv.add_argument("--dataset-format", default="auto")
+    pv.add_argument("--train-on", default="responses")
+    pv.add_argument("--max-seq-len", type=int, default=512)
+    pv.add_argument("--json", action="store_true")
+    pv.set_defaults(fn=cmd_preview)
+
+    d = sub.add_parser("doctor", help="device, GPU memory, bf16 and quantization support of this machine")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_doctor)
     return p
 
 

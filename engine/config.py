@@ -55,20 +55,21 @@ class LoraSpec:
     """
 
     r: int = field(default=8, metadata=_help(
-        "Rank of ΔW = B·A. The LoRA paper finds r = 4–8 already captures most of the update; typical 4–64. "
-        "Higher r = more capacity and memory; with large r turn on rsLoRA."))
+        "Rank of ΔW = B·A. The LoRA paper finds r = 4–8 best for q,v; larger r helps with diminishing returns "
+        "(AdaLoRA, DyLoRA) and costs optimizer memory. With r ≥ 32 turn on rsLoRA."))
     alpha: float = field(default=16.0, metadata=_help(
-        "Scale numerator: ΔW is multiplied by alpha/r (alpha/√r with rsLoRA). Heuristic alpha = 2·r; "
-        "keeping alpha fixed while changing r keeps the effective step size comparable."))
+        "Scale numerator: ΔW is multiplied by alpha/r (alpha/√r with rsLoRA). A good heuristic is alpha = 2·r "
+        "(e.g. r 16, alpha 32)."))
     dropout: float = field(default=0.05, metadata=_help(
         "Dropout on the LoRA input path only, 0–0.5. 0.05–0.1 helps small datasets; 0 for large ones."))
     targets: tuple[str, ...] = field(default=("all-linear",), metadata=_help(
         "Which weights get LoRA: a preset (qv, attention, mlp, all-linear) or module kinds/names "
-        "(q_proj, v_proj, c_attn, ...). QLoRA shows all linear layers are needed to match full fine-tuning; "
-        "the LoRA paper's budget-constrained choice is q,v."))
+        "(q_proj, v_proj, c_attn, attn.c_proj, ...). QLoRA: all linear layers are needed to match full "
+        "fine-tuning; AdaLoRA: for the same budget the MLP beats attention; the LoRA paper's small-budget choice is q,v."))
     layers: tuple[int, ...] = field(default=(), metadata=_help(
         "Restrict LoRA to these layer indices (empty = all layers). YAML accepts a list or a range string "
-        "like '0-11' or '0,2,4-6'. Per-layer importance work shows later layers often matter most."))
+        "like '0-11' or '0,2,4-6'. AdaLoRA finds top layers matter most; LoRA-drop finds the importance is "
+        "data-dependent: check the ΔW heatmap of a full run before cutting layers."))
     use_rslora: bool = field(default=False, metadata=_help(
         "rsLoRA: scale by alpha/√r instead of alpha/r so that large ranks keep learning (Kalajdzievski 2023). "
         "Recommended when r ≥ 32."))
@@ -80,11 +81,11 @@ class LoraSpec:
         "vectors of W (faster convergence; the base weight is changed to W − BA). olora: QR-based orthonormal init.",
         choices=INITS))
     loraplus_lr_ratio: float = field(default=0.0, metadata=_help(
-        "LoRA+: learning rate of B = ratio × lr of A (0 = off). The LoRA+ paper suggests ratio ≈ 16 "
-        "(2^4) for faster, better fine-tuning."))
+        "LoRA+: learning rate of B = ratio × lr of A (0 = off). LoRA+ finds the best runs have lr_B ≫ lr_A; "
+        "its default ratio is 16 (2^4)."))
     freeze_A: bool = field(default=False, metadata=_help(
-        "LoRA-FA: freeze the random projection A and train only B, halving LoRA's gradient and optimizer "
-        "memory at a small cost in quality."))
+        "LoRA-FA: freeze the random projection A and train only B (peft's LoRA-FA optimizer). Cuts activation "
+        "memory (the full-width input of A need not be kept) and halves LoRA's optimizer state."))
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ class TrainSpec:
     """Optimizer, schedule and loop settings."""
 
     lr: float = field(default=2e-4, metadata=_help(
-        "Peak learning rate (AdamW). LoRA tolerates ~10× the full fine-tuning rate: 1e-4–5e-4 typical, "
-        "up to 1e-3 for tiny data."))
+        "Peak learning rate (AdamW). LoRA typically uses 1e-5–1e-3 (higher than full fine-tuning): 2e-4 is a "
+        "safe start, 1e-3 for tiny data and few steps."))
     scheduler: str = field(default="cosine", metadata=_help(
         "Learning-rate schedule after warmup.", choices=SCHEDULERS))
     warmup_steps: int = field(default=10, metadata=_help("Linear warmup from 0 to lr over this many optimizer steps."))
@@ -264,7 +265,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if lo.freeze_A and lo.init != "gaussian":
         p.append(f"lora.freeze_A with init = {lo.init!r}: LoRA-FA keeps A as a random projection; use init gaussian")
 
-    need(math.isfinite(tr.lr) and 0 < tr.lr <= 1.0, "train.lr", tr.lr, "must be in (0, 1] (LoRA typical 1e-4–5e-4)")
+    need(math.isfinite(tr.lr) and 0 < tr.lr <= 1.0, "train.lr", tr.lr, "must be in (0, 1] (LoRA typical 1e-5–1e-3)")
     need(tr.warmup_steps >= 0, "train.warmup_steps", tr.warmup_steps, "must be ≥ 0")
     need(tr.max_steps >= 0, "train.max_steps", tr.max_steps, "must be ≥ 0 (0 = use epochs)")
     need(math.isfinite(tr.epochs) and tr.epochs > 0 or tr.max_steps > 0, "train.epochs", tr.epochs,

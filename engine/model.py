@@ -410,9 +410,16 @@ def inspect_model(model: str, home: Path, trust_remote_code: bool = False) -> di
     def first(*keys: str):
         return next((text_c[k] for k in keys if text_c.get(k) is not None), None)
 
+    # Group by kind; a kind name used under two parents (GPT-2's attn.c_proj and mlp.c_proj) is split,
+    # and `target` is the name to put in lora.targets to select exactly that group.
+    parents_of: dict[str, set[str]] = {}
+    for x in modules:
+        parents_of.setdefault(x.kind, set()).add(x.name.split(".")[-2] if "." in x.name else "")
     kinds: dict[str, dict[str, Any]] = {}
     for x in modules:
-        k = kinds.setdefault(x.kind, {"kind": x.kind, "group": x.group, "count": 0, "params": 0,
+        parent = x.name.split(".")[-2] if "." in x.name else ""
+        target = f"{parent}.{x.kind}" if len(parents_of[x.kind]) > 1 else x.kind
+        k = kinds.setdefault(target, {"kind": x.kind, "target": target, "group": x.group, "count": 0, "params": 0,
                                       "in_features": x.in_features, "out_features": x.out_features})
         k["count"] += 1
         k["params"] += x.params
