@@ -118,6 +118,10 @@ class TrainSpec:
     log_every: int = field(default=1, metadata=_help("Record metrics every N optimizer steps."))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "Recompute activations in the backward pass: much less activation memory for ~30% more compute."))
+    packing: bool = field(default=True, metadata=_help(
+        "Pack each micro-batch's examples into rows with position ids restarting per example (no padding, no "
+        "attention across examples) and compute the output head only where there is a target. Same per-token "
+        "losses as padding; checked numerically at start, with a fall-back to padding if a model disagrees."))
     seed: int = field(default=42, metadata=_help("Seed for data order, LoRA init and dropout; same seed = same run."))
     threads: int = field(default=0, metadata=_help(
         "CPU threads for torch (0 = auto: all cores when the machine is idle, 1 when other work is running)."))

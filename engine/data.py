@@ -58,7 +58,8 @@ class Example:
 
     @property
     def n_label_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        """Tokens the loss is taken on: labelled tokens after the first (token 0 has nothing before it)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 # ---- 1. reading rows ---------------------------------------------------------------------------
@@ -327,19 +328,67 @@ def micro_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[
         epoch += 1
 
 
+def _targets(e: Example) -> list[int]:
+    """Next-token targets aligned with the inputs: position i predicts token i+1 (IGNORE at the end)."""
+    return list(e.labels[1:]) + [IGNORE]
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest in the batch; padding is masked by length (attention 0, label IGNORE)."""
+    """Right-pad to the longest in the batch (the reference layout); padding is masked by length."""
     T = max(len(e.input_ids) for e in examples)
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
     for b, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[b, :n] = torch.tensor(e.input_ids)
-        labels[b, :n] = torch.tensor(e.labels)
+        targets[b, :n] = torch.tensor(_targets(e))
         attn[b, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attn}
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": attn}
+
+
+def pack_rows(examples: list[Example], capacity: int) -> list[list[Example]]:
+    """First-fit decreasing: group examples into rows of at most `capacity` tokens."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(e.input_ids)
+        for i, free in enumerate(room):
+            if n <= free:
+                rows[i].append(e)
+                room[i] -= n
+                break
+        else:
+            rows.append([e])
+            room.append(capacity - n)
+    return rows
+
+
+def collate_packed(examples: list[Example], pad_id: int, capacity: int) -> dict[str, torch.Tensor]:
+    """Concatenate examples into few rows; position ids restart at 0 for every example.
+
+    With attention_mask=None, transformers reads the restarts as sequence boundaries and builds a
+    block-diagonal causal mask: no token attends across examples, so each example's per-token losses
+    equal the padded computation's while no compute is spent on padding. A row's unused tail is a pad
+    segment of its own (positions from 0, no targets).
+    """
+    rows = pack_rows(examples, max(capacity, max(len(e.input_ids) for e in examples)))
+    L = max(sum(len(e.input_ids) for e in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    targets = torch.full((R, L), IGNORE, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            input_ids[r, at: at + n] = torch.tensor(e.input_ids)
+            position_ids[r, at: at + n] = torch.arange(n)
+            targets[r, at: at + n] = torch.tensor(_targets(e))
+            at += n
+        position_ids[r, at:] = torch.arange(L - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
 
 
 def preview(cfg: RunConfig, tok, n: int = 3) -> dict[str, Any]:

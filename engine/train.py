@@ -167,6 +167,11 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     sink.set_summary(total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device))
     sink.log(step, {"total_steps": total_steps, "train/examples": len(prep.train), "val/examples": len(prep.val)})
 
+    packed = tr.packing and packing_agrees(model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len,
+                                           device, autocast)
+    make_batch = (lambda mb: D.collate_packed(mb, pad_id, tr.max_seq_len)) if packed else \
+        (lambda mb: D.collate(mb, pad_id))
+
     batches = D.micro_batches(len(prep.train), tr.batch_size, tr.seed)
     for _ in range(step * tr.grad_accum):  # skip what was already trained; the order is a pure function
         next(batches)
@@ -174,7 +179,7 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     # 6) the loop ---------------------------------------------------------------------------------
     model.train()
     loss_acc = torch.zeros((), device=device)  # summed on device: no host sync until a log step
-    tok_window, t_window, t_loop = 0, time.time(), time.time()
+    tok_window, slot_window, t_window, t_loop = 0, 0, time.time(), time.time()
     steps_at_start = step
     last_loss, last_val, status, ckpt = None, None, "succeeded", None
     while step < total_steps:
@@ -182,21 +187,21 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
             status = "cancelled"
             break
         micro = [[prep.train[i] for i in next(batches)] for _ in range(tr.grad_accum)]
+        step_slots = 0
         n_label = sum(e.n_label_tokens for mb in micro for e in mb)  # normalise over the whole step
         for mb in micro:
-            batch = {k: v.to(device) for k, v in D.collate(mb, pad_id).items()}
+            batch = {k: v.to(device) for k, v in make_batch(mb).items()}
             with autocast:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            # Sum of per-token losses / label tokens of the whole step: every token weighs the same,
-            # however the step's examples are split into micro-batches.
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                ignore_index=D.IGNORE, reduction="sum") / n_label
+                # Sum of per-token losses / target tokens of the whole step: every token weighs the same,
+                # however the step's examples are split into micro-batches.
+                loss = token_losses(model, batch, fast=packed).sum() / n_label
             loss.backward()
             loss_acc += loss.detach()
+            step_slots += batch["input_ids"].numel()
         step_tokens = sum(len(e.input_ids) for mb in micro for e in mb)  # counted on the host: no sync
         tokens_seen += step_tokens
         tok_window += step_tokens
+        slot_window += step_slots
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm if tr.max_grad_norm > 0 else float("inf"))
         opt.step()
         sched.step()
@@ -212,14 +217,15 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
             rate = (step - steps_at_start) / max(1e-9, now - t_loop)
             sink.log(step, {"train/loss": last_loss, "lr": sched.get_last_lr()[0], "grad_norm": gn,
                             "tokens_per_s": tok_window / max(1e-9, now - t_window), "tokens_seen": tokens_seen,
+                            "pad_frac": 1.0 - tok_window / max(1, slot_window),
                             "epoch": step / steps_per_epoch, "elapsed_s": elapsed_before + now - t_start,
                             "eta_s": (total_steps - step) / max(rate, 1e-9), "total_steps": total_steps,
                             "mem/peak_gb": peak_mem_gb(device, rss_base)})
-            tok_window, t_window = 0, now
+            tok_window, slot_window, t_window = 0, 0, now
         loss_acc.zero_()
 
         if prep.val and (step % tr.eval_every == 0 or step == total_steps):
-            last_val = evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast)
+            last_val = evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len)
             best_val = last_val if best_val is None else min(best_val, last_val)
             sink.log(step, {"val/loss": last_val})
         if tr.save_every and step % tr.save_every == 0 and step < total_steps:
@@ -232,7 +238,7 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=KEEP_CHECKPOINTS)
     adapter_dir = save_adapter(model, tok, out_dir, cfg)
     extra = {"format": prep.format, "rows": prep.n_rows, "dropped": prep.n_dropped, "train_examples": len(prep.train),
-             "val_examples": len(prep.val), "data_fingerprint": prep.fingerprint}
+             "val_examples": len(prep.val), "data_fingerprint": prep.fingerprint, "packing": packed}
     try:
         from engine.spectra import model_spectra
 
@@ -250,20 +256,72 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[D.Example], batch_size: int, pad_id: int, device, autocast) -> float:
+def evaluate(model, examples: list[D.Example], batch_size: int, pad_id: int, device, autocast,
+             packed: bool = False, capacity: int = 512) -> float:
     """Mean per-token loss over the validation examples (dropout off)."""
     model.eval()
     total, n = torch.zeros((), device=device, dtype=torch.float64), 0
     for i in range(0, len(examples), batch_size):
         mb = examples[i: i + batch_size]
-        batch = {k: v.to(device) for k, v in D.collate(mb, pad_id).items()}
+        batch = D.collate_packed(mb, pad_id, capacity) if packed else D.collate(mb, pad_id)
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                                   ignore_index=D.IGNORE, reduction="sum")
+            total += token_losses(model, {k: v.to(device) for k, v in batch.items()}, fast=packed).sum()
         n += sum(e.n_label_tokens for e in mb)
     model.train()
     return float(total) / max(1, n)
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], *, fast: bool) -> torch.Tensor:
+    """Cross-entropy of every target token, shape (N,), N = number of targets in the batch.
+
+    fast: run the decoder only and apply the output head to the N positions that have a target. For a
+    response-only loss that skips the (T × vocab) logits of every prompt token: with SmolLM2's 49k
+    vocabulary the head is ~20% of the model's FLOPs. The standard path computes all logits.
+    """
+    targets = batch["targets"]
+    mask = targets != D.IGNORE                                   # (R, L)
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    if fast:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = getattr(base, base.base_model_prefix)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state   # (R, L, H)
+        logits = base.get_output_embeddings()(hidden[mask])             # (N, V)
+    else:
+        logits = model(**inputs, use_cache=False).logits[mask]           # (N, V)
+    return torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="none")
+
+
+@torch.no_grad()
+def packing_agrees(model, examples: list[D.Example], pad_id: int, capacity: int, device, autocast) -> bool:
+    """Does the packed, head-on-targets path give the padded path's per-token losses on this model?
+
+    Checked on real examples at the start of every run (dropout off, no RNG used): a model whose
+    attention ignores restarting position ids, or whose head is more than a linear layer (logit
+    soft-capping), fails the check and trains with padding instead.
+    """
+    if not examples:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            ref = token_losses(model, {k: v.to(device) for k, v in D.collate(examples, pad_id).items()}, fast=False)
+            packed_batch = D.collate_packed(examples, pad_id, capacity)
+            fast = token_losses(model, {k: v.to(device) for k, v in packed_batch.items()}, fast=True)
+        # Per-token losses in packed order: undo the packing order to compare token by token.
+        order = [e for row in D.pack_rows(examples, max(capacity, max(len(e.input_ids) for e in examples)))
+                 for e in row]
+        counts = [e.n_label_tokens for e in examples]
+        starts = [sum(counts[:i]) for i in range(len(examples))]
+        pos = {id(e): i for i, e in enumerate(examples)}
+        ref_in_packed_order = torch.cat([ref[starts[pos[id(e)]]: starts[pos[id(e)]] + counts[pos[id(e)]]]
+                                         for e in order])
+        tol = 1e-3 if ref.dtype == torch.float32 and not torch.is_autocast_enabled(device.type) else 5e-2
+        return ref.shape == fast.shape and bool(torch.allclose(fast, ref_in_packed_order, atol=tol, rtol=tol))
+    except (TypeError, AttributeError, ValueError, RuntimeError):  # the model's forward cannot take this layout
+        return False
+    finally:
+        model.train(was_training)
 
 
 def peak_mem_gb(device: torch.device, rss_base: float) -> float:
