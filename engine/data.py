@@ -279,8 +279,25 @@ class Prepared:
     fingerprint: str
 
 
-def prepare(cfg: RunConfig, tok) -> Prepared:
-    """Rows → examples → train/val split (seeded). Same config + same file = same split."""
+def cache_key(cfg: RunConfig, tok) -> str:
+    """Fingerprint of everything tokenization depends on: the data bytes, the tokenizer, the settings."""
+    h = hashlib.sha256()
+    path = dataset_path(cfg.dataset)
+    if path is not None and path.is_file():
+        h.update(path.read_bytes())
+    else:
+        h.update(cfg.dataset.encode())
+    for part in (type(tok).__name__, tok.name_or_path, len(tok), tok.eos_token_id, tok.pad_token_id,
+                 getattr(tok, "chat_template", None), cfg.dataset_format, cfg.train_on, cfg.train.max_seq_len,
+                 cfg.max_examples, TOKENIZATION_VERSION):
+        h.update(repr(part).encode())
+    return h.hexdigest()[:24]
+
+
+TOKENIZATION_VERSION = 1  # bump when tokenize_example changes, to invalidate cached tokenizations
+
+
+def _tokenize_all(cfg: RunConfig, tok) -> tuple[list[Example], int, str, int]:
     rows = read_rows(cfg.dataset)
     if cfg.max_examples:
         rows = rows[: cfg.max_examples]
@@ -292,6 +309,28 @@ def prepare(cfg: RunConfig, tok) -> Prepared:
             dropped += 1
             continue
         examples.append(ex)
+    return examples, dropped, fmt, len(rows)
+
+
+def prepare(cfg: RunConfig, tok, cache_dir: Path | None = None) -> Prepared:
+    """Rows → examples → train/val split (seeded). Same config + same file = same split.
+
+    Tokenization happens once per (data, tokenizer, settings): with a cache_dir the examples are kept
+    under their fingerprint and later runs (and every epoch) reuse them.
+    """
+    cached = Path(cache_dir) / f"{cache_key(cfg, tok)}.json" if cache_dir else None
+    if cached is not None and cached.is_file():
+        blob = json.loads(cached.read_text())
+        examples = [Example(tuple(i), tuple(lab)) for i, lab in blob["examples"]]
+        dropped, fmt, n_rows = blob["dropped"], blob["format"], blob["rows"]
+    else:
+        examples, dropped, fmt, n_rows = _tokenize_all(cfg, tok)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{id(examples)}")
+            tmp.write_text(json.dumps({"examples": [[e.input_ids, e.labels] for e in examples], "dropped": dropped,
+                                       "format": fmt, "rows": n_rows}))
+            tmp.replace(cached)
     if not examples:
         raise DatasetError(f"{cfg.dataset}: no example has any token to learn after truncation to "
                            f"max_seq_len = {cfg.train.max_seq_len}; raise max_seq_len or use train_on: all")
@@ -305,7 +344,7 @@ def prepare(cfg: RunConfig, tok) -> Prepared:
     h = hashlib.sha256()
     for ex in examples:
         h.update(repr(ex.input_ids).encode())
-    return Prepared(train, val, fmt, len(rows), dropped, h.hexdigest()[:16])
+    return Prepared(train, val, fmt, n_rows, dropped, h.hexdigest()[:16])
 
 
 # ---- 4. batching -----------------------------------------------------------------------------

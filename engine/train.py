@@ -134,7 +134,7 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and cfg.quant == "none")
 
     # 3) data -----------------------------------------------------------------------------------
-    prep = D.prepare(cfg, tok)
+    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "tokenized")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     tr = cfg.train
     micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
@@ -239,13 +239,10 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     adapter_dir = save_adapter(model, tok, out_dir, cfg)
     extra = {"format": prep.format, "rows": prep.n_rows, "dropped": prep.n_dropped, "train_examples": len(prep.train),
              "val_examples": len(prep.val), "data_fingerprint": prep.fingerprint, "packing": packed}
-    try:
-        from engine.spectra import model_spectra
+    from engine.spectra import model_spectra
 
-        spectra = model_spectra(model, reference)
-        sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
-    except ImportError:  # spectra module not installed in this build
-        pass
+    spectra = model_spectra(model, reference)
+    sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
     result = TrainResult(status, step, total_steps, str(adapter_dir), str(ckpt) if ckpt else None, last_loss,
                          best_val, last_val, tokens_seen, elapsed, peak_mem_gb(device, rss_base), trainable, total,
                          str(device), extra)

@@ -98,3 +98,17 @@ def test_smollm2_pad_is_end_of_turn_and_still_learned():
                           "responses", 256)
     learned = tok.decode([t for t in ex.labels if t != IGNORE])
     assert learned.startswith("Ahoy!") and "<|im_end|>" in learned and "Hi" not in learned
+
+
+def test_tokenization_is_cached_by_fingerprint(chat_jsonl, tok, tmp_path, monkeypatch):
+    import engine.data as D
+
+    cfg = RunConfig(dataset=str(chat_jsonl))
+    first = prepare(cfg, tok, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    calls = []
+    monkeypatch.setattr(D, "tokenize_example", lambda *a, **k: calls.append(1))
+    again = prepare(cfg, tok, cache_dir=tmp_path)  # served from the cache: no tokenization
+    assert calls == [] and again.train == first.train and again.val == first.val
+    longer = cfg.replace(train={"max_seq_len": 1000})  # another setting, another fingerprint
+    assert D.cache_key(longer, tok) != D.cache_key(cfg, tok)

@@ -1,0 +1,538 @@
+"""The calculator against real models: exact parameter counts, the trainer's module choice, real
+bitsandbytes storage, and the bytes autograd really keeps for backward (walked on CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, LoraSpec, RunConfig
+from engine.estimate import (CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, GIB, Estimate, estimate, fits, gb, nf4_bytes,
+                             select_modules, suggestions)
+from tests.tiny import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bias_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bias"), attention_bias=True, mlp_bias=True)
+
+
+@pytest.fixture(scope="session")
+def wide_llama_dir(tmp_path_factory):
+    """Big enough that every weight is a whole number of 64-element NF4 blocks and 256-block groups."""
+    return build_tiny_llama(tmp_path_factory.mktemp("wide-llama"), hidden_size=256, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def act_llama_dir(tmp_path_factory):
+    """hidden ≠ intermediate so that the activation terms can be told apart."""
+    return build_tiny_llama(tmp_path_factory.mktemp("act-llama"), hidden_size=64, intermediate_size=160,
+                            num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="session")
+def anatomies(tmp_path_factory):
+    """inspect_model's dict per model folder, computed once."""
+    home = tmp_path_factory.mktemp("home")
+    cache: dict[str, dict] = {}
+
+    def get(path: Path) -> dict:
+        from engine.model import inspect_model
+
+        if str(path) not in cache:
+            cache[str(path)] = inspect_model(str(path), home)
+        return cache[str(path)]
+
+    return get
+
+
+@pytest.fixture
+def model_dirs(tiny_llama_dir, tiny_gpt2_dir, tiny_llama_bias_dir):
+    return {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "llama-bias": tiny_llama_bias_dir}
+
+
+def make_cfg(path: Path, lora: dict | None = None, train: dict | None = None, **top) -> RunConfig:
+    return RunConfig.from_dict({"model": str(path), "lora": lora or {}, "train": train or {}, **top})
+
+
+def build_peft(path: Path, cfg: RunConfig):
+    """The trainer's path: load_base_model → attach_lora (→ LoRA-FA's optimizer freezes A)."""
+    from engine.model import attach_lora, load_base_model, pick_device
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_base_model(str(path), cfg, pick_device())
+        peft_model = attach_lora(model, cfg)
+    if cfg.lora.freeze_A:
+        from peft.optimizers import create_lorafa_optimizer
+
+        create_lorafa_optimizer(peft_model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lr=1e-4)
+    return peft_model
+
+
+# ---- 1. module choice = the trainer's ---------------------------------------------------------------
+
+SPECS = [
+    {"targets": ["qv"]}, {"targets": ["attention"]}, {"targets": ["mlp"]}, {"targets": ["all-linear"]},
+    {"targets": ["all-linear"], "layers": [1]}, {"targets": ["qv"], "layers": [0]},
+    {"targets": ["q_proj", "v_proj"]}, {"targets": ["down_proj", "o_proj", "q_proj"]},
+    {"targets": ["model.layers.1.mlp.up_proj"]}, {"targets": ["c_attn"]}, {"targets": ["c_proj"]},
+    {"targets": ["c_fc", "c_attn"], "layers": [1]}, {"targets": ["h.0.mlp.c_proj"]},
+]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_select_modules_picks_what_resolve_targets_picks(name, model_dirs, anatomies):
+    from engine.model import describe, resolve_targets
+    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch
+
+    path = model_dirs[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    modules = describe(model)
+    anatomy = anatomies(path)
+    n_compared = 0
+    for spec in SPECS:
+        lora = LoraSpec(targets=tuple(spec["targets"]), layers=tuple(spec.get("layers", ())))
+        try:
+            want = resolve_targets(lora, modules, str(anatomy["model"]))
+        except ConfigError as e:  # the same errors, word for word
+            with pytest.raises(ConfigError) as got:
+                select_modules(anatomy, lora)
+            assert got.value.problems == e.problems
+            continue
+        assert [m["name"] for m in select_modules(anatomy, lora)] == want, spec
+        n_compared += 1
+    assert n_compared >= 6
+
+
+def test_select_modules_on_an_anatomy_with_other_and_unnumbered_modules():
+    from engine.model import LoraModule, resolve_targets
+
+    anatomy = llama_anatomy(H=64, I=96, L=3, heads=4, kv=2, V=50)
+    anatomy["modules"].append({"name": "model.extra_proj", "kind": "extra_proj", "group": "other", "layer": None,
+                               "in": 64, "out": 64, "bias": True, "type": "Linear"})
+    modules = [LoraModule(m["name"], m["kind"], m["group"], m["layer"], m["in"], m["out"], m["bias"], m["type"])
+               for m in anatomy["modules"]]
+    for targets, layers in [(["mlp"], ()), (["all-linear"], ()), (["all-linear"], (2,)), (["extra_proj"], ()),
+                            (["extra_proj", "q_proj"], (0,)), (["attention"], (0, 2)), (["nope"], ()),
+                            (["qv"], (7,))]:
+        lora = LoraSpec(targets=tuple(targets), layers=layers)
+        try:
+            want = resolve_targets(lora, modules, anatomy["model"])
+        except ConfigError as e:
+            with pytest.raises(ConfigError) as got:
+                select_modules(anatomy, lora)
+            assert got.value.problems == e.problems
+            continue
+        assert [m["name"] for m in select_modules(anatomy, lora)] == want, (targets, layers)
+
+
+# ---- 2. exact parameter counts ------------------------------------------------------------------
+
+COUNT_CASES = [
+    ("llama", {"targets": ["qv"], "r": 1}),
+    ("llama", {"targets": ["attention"], "r": 4}),
+    ("llama", {"targets": ["mlp"], "r": 8}),
+    ("llama", {"targets": ["all-linear"], "r": 8}),
+    ("llama", {"targets": ["all-linear"], "r": 4, "layers": [0]}),
+    ("llama", {"targets": ["k_proj", "down_proj"], "r": 8, "layers": [1]}),
+    ("llama", {"targets": ["all-linear"], "r": 4, "use_dora": True}),
+    ("llama", {"targets": ["all-linear"], "r": 8, "freeze_A": True}),
+    ("llama-bias", {"targets": ["all-linear"], "r": 8}),
+    ("llama-bias", {"targets": ["qv"], "r": 4, "use_dora": True, "layers": [1]}),
+    ("gpt2", {"targets": ["qv"], "r": 1}),
+    ("gpt2", {"targets": ["all-linear"], "r": 8}),
+    ("gpt2", {"targets": ["mlp"], "r": 4, "layers": [1]}),
+    ("gpt2", {"targets": ["c_proj"], "r": 4}),
+    ("gpt2", {"targets": ["all-linear"], "r": 4, "use_dora": True}),
+    ("gpt2", {"targets": ["attention"], "r": 8, "freeze_A": True, "layers": [0]}),
+]
+
+
+@pytest.mark.parametrize("name,lora", COUNT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(COUNT_CASES)])
+def test_parameter_counts_are_exact(name, lora, model_dirs, anatomies):
+    path = model_dirs[name]
+    cfg = make_cfg(path, lora)
+    est = estimate(anatomies(path), cfg, device="cpu")
+    peft_model = build_peft(path, cfg)
+    params = list(peft_model.parameters())
+    assert est.trainable_params == sum(p.numel() for p in params if p.requires_grad)
+    assert est.lora_params == sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    assert est.total_params == sum(p.numel() for p in params)
+    assert (est.trainable_params, est.total_params) == peft_model.get_nb_trainable_parameters()
+    assert est.n_modules == sum(1 for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+    assert est.trainable_pct == pytest.approx(100 * est.trainable_params / est.total_params)
+    if cfg.lora.freeze_A:  # LoRA-FA: only B trains, and A is still in the adapter
+        assert est.trainable_params < est.lora_params
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "llama-bias"])
+def test_total_params_of_anatomy_equals_loaded_model(name, model_dirs, anatomies):
+    from engine.model import load_base_model, pick_device
+
+    path = model_dirs[name]
+    model = load_base_model(str(path), make_cfg(path), pick_device())
+    assert anatomies(path)["total_params"] == sum(p.numel() for p in model.parameters())
+    assert estimate(anatomies(path), make_cfg(path)).base_params == anatomies(path)["total_params"]
+
+
+@pytest.mark.parametrize("name,lora", [("llama", {"r": 8}), ("gpt2", {"targets": ["qv"], "r": 2}),
+                                       ("llama", {"r": 4, "use_dora": True})])
+def test_adapter_file_size(name, lora, model_dirs, anatomies, tmp_path):
+    path = model_dirs[name]
+    cfg = make_cfg(path, lora)
+    build_peft(path, cfg).save_pretrained(tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    size = f.stat().st_size
+    est = estimate(anatomies(path), cfg, device="cpu")
+    header = struct.unpack("<Q", f.read_bytes()[:8])[0]
+    assert size - header - 8 == est.lora_params * 4  # the data part is exact: fp32 LoRA weights
+    assert est.adapter_file_bytes == pytest.approx(size, rel=0.03)  # the header is approximated
+
+
+# ---- 3. quantized storage against bitsandbytes ------------------------------------------------------
+
+
+def stored_bytes(model) -> int:
+    """Every byte the loaded model holds: parameters, their int8 scales, 4-bit quant states, buffers."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+
+    for p in model.parameters():
+        add(p)
+        for v in vars(p).values():  # Int8Params: CB (shares the weight's storage), SCB
+            add(v)
+        qs = getattr(p, "quant_state", None)
+        while qs is not None:  # Params4bit: absmax, code, offset; nested state2 for double quantization
+            for k in ("absmax", "code", "offset"):
+                add(getattr(qs, k, None))
+            qs = getattr(qs, "state2", None)
+    for b in model.buffers():
+        add(b)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+@pytest.mark.parametrize("which", ["wide-llama", "gpt2"])
+def test_quantized_weights_match_bitsandbytes_storage(quant, which, wide_llama_dir, tiny_gpt2_dir, anatomies):
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from engine.model import load_base_model
+
+    path = wide_llama_dir if which == "wide-llama" else tiny_gpt2_dir
+    cfg = make_cfg(path, quant=quant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_base_model(str(path), cfg, torch.device("cpu"))
+    real = stored_bytes(model)
+    est = estimate(anatomies(path), cfg, device="cpu")
+    assert est.weights_bytes == pytest.approx(real, rel=0.05)
+    # and the quantized part alone, from the layers themselves
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    assert len(layers) == len(anatomies(path)["modules"])  # GPT-2's Conv1D layers are quantized too
+    real_linear = stored_bytes(torch.nn.ModuleList(layers)) - sum(
+        m.bias.numel() * m.bias.element_size() for m in layers if m.bias is not None)
+    assert est.base_linear_bytes == pytest.approx(real_linear, rel=0.01)
+
+
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_kbit_training_keeps_unquantized_weights_in_fp32(quant, wide_llama_dir, anatomies):
+    """attach_lora → prepare_model_for_kbit_training upcasts embeddings, norms and lm_head from bf16."""
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(wide_llama_dir, quant=quant, dtype="bf16")
+    peft_model = build_peft(wide_llama_dir, cfg)
+    lora = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    est = estimate(anatomies(wide_llama_dir), cfg, device="cpu")
+    assert est.lora_bytes == lora
+    assert est.weights_bytes == pytest.approx(stored_bytes(peft_model) - lora, rel=0.05)
+
+
+def test_nf4_bits_per_parameter_match_qlora():
+    n = 4096 * 4096
+    extra_bits = (nf4_bytes(n) - n // 2) * 8 / n  # QLoRA §3: 8/64 + 32/(64·256) = 0.127 bits
+    assert extra_bits == pytest.approx(0.127, abs=0.002)
+    assert (nf4_bytes(n, double_quant=False) - n // 2) * 8 / n == pytest.approx(0.5, abs=0.002)
+
+
+# ---- 4. activations against what autograd keeps ------------------------------------------------------
+
+
+def saved_for_backward(loss, model) -> int:
+    """Bytes of the distinct tensors the autograd graph keeps for backward (parameters excluded)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                try:
+                    value = getattr(node, attr)
+                except RuntimeError:
+                    continue
+                for t in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+                        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(n for n, _ in node.next_functions)
+    return sum(storages.values())
+
+
+ACT_CASES = [
+    ({"dtype": "fp32"}, {}),
+    ({"dtype": "bf16"}, {}),                               # autocast: 16-bit private LoRA inputs
+    ({"dtype": "fp32"}, {"dropout": 0.1}),
+    ({"dtype": "bf16"}, {"dropout": 0.1}),
+    ({"dtype": "fp32"}, {"targets": ["qv"]}),
+    ({"dtype": "bf16"}, {"targets": ["mlp"]}),             # the lowest block keeps no attention
+    ({"dtype": "fp32"}, {"layers": [1]}),                  # block 0 keeps nothing
+    ({"dtype": "fp32"}, {"use_dora": True}),
+    ({"dtype": "bf16"}, {"freeze_A": True}),
+    ({"dtype": "bf16", "quant": "4bit"}, {}),              # fp32 activations after k-bit preparation
+    ({"dtype": "fp32", "train": {"batch_size": 1}}, {}),   # no padding mask, k/v at kv heads
+]
+
+
+@pytest.mark.parametrize("top,lora", ACT_CASES, ids=[str(i) for i in range(len(ACT_CASES))])
+def test_activation_bytes_match_autograd_saved_tensors(top, lora, act_llama_dir, anatomies):
+    """On CPU, SDPA's flash kernel keeps the same O(T) tensors as the GPU's memory-efficient one."""
+    import torch
+    from engine.model import attach_lora, load_base_model
+
+    if top.get("quant"):
+        pytest.importorskip("bitsandbytes")
+    top = dict(top)
+    train = {"batch_size": 2, "max_seq_len": 32, **top.pop("train", {})}
+    cfg = make_cfg(act_llama_dir, {"r": 3, "dropout": 0.0, **lora}, train, **top)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = attach_lora(load_base_model(str(act_llama_dir), cfg, torch.device("cpu")), cfg)
+    if cfg.lora.freeze_A:
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)
+    model.train()
+    B, T = cfg.train.batch_size, cfg.train.max_seq_len
+    torch.manual_seed(0)
+    ids = torch.randint(12, 100, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    if B > 1:
+        mask[0, -5:] = 0  # padding, as in a real batch
+    # as engine/train.py runs a micro-batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and cfg.quant == "none"):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    V = logits.shape[-1]
+    measured = saved_for_backward(loss, model) - B * (T - 1) * V * 4  # log-softmax output: the logits term's
+    est = estimate(anatomies(act_llama_dir), cfg, device="cpu")
+    # What is left out: RoPE's cos/sin tables, scalars and the int64 targets (about 1 % here, far less
+    # at real sizes).
+    assert est.activation_bytes == pytest.approx(measured, rel=0.03)
+
+
+# ---- 5. directions --------------------------------------------------------------------------------
+
+
+def test_memory_grows_with_rank_batch_and_sequence(tiny_llama_dir, anatomies):
+    anatomy = anatomies(tiny_llama_dir)
+
+    def total(lora=None, train=None) -> int:
+        return estimate(anatomy, make_cfg(tiny_llama_dir, lora, train)).total_bytes
+
+    assert total({"r": 4}) < total({"r": 8}) < total({"r": 16})
+    assert total(train={"batch_size": 1}) < total(train={"batch_size": 2}) < total(train={"batch_size": 8})
+    assert total(train={"max_seq_len": 128}) < total(train={"max_seq_len": 256}) < total(train={"max_seq_len": 1024})
+    e8, e16 = (estimate(anatomy, make_cfg(tiny_llama_dir, {"r": r})) for r in (8, 16))
+    assert e16.lora_bytes == 2 * e8.lora_bytes and e16.optimizer_bytes == 2 * e8.optimizer_bytes
+
+
+def test_quantization_shrinks_the_weights(wide_llama_dir, anatomies):
+    anatomy = anatomies(wide_llama_dir)
+    w = {q: estimate(anatomy, make_cfg(wide_llama_dir, quant=q, dtype="bf16")).base_linear_bytes
+         for q in ("none", "8bit", "4bit")}
+    assert w["4bit"] < w["8bit"] < w["none"]
+    assert w["8bit"] / w["none"] == pytest.approx(0.5, rel=0.05)     # int8 vs bf16
+    assert w["4bit"] / w["none"] == pytest.approx(0.266, rel=0.05)   # (4 + 0.127 + tables) / 16 bits
+
+
+def test_checkpointing_and_lora_fa_lower_memory(tiny_llama_dir, anatomies):
+    anatomy = anatomies(tiny_llama_dir)
+    train = {"batch_size": 4, "max_seq_len": 512}
+    plain = estimate(anatomy, make_cfg(tiny_llama_dir, train=train))
+    ckpt = estimate(anatomy, make_cfg(tiny_llama_dir, train={**train, "gradient_checkpointing": True}))
+    assert ckpt.activation_bytes < plain.activation_bytes
+    assert dict(ckpt.activation_terms)["checkpointed block inputs"] > 0
+    fa = estimate(anatomy, make_cfg(tiny_llama_dir, {"freeze_A": True}, train))
+    assert fa.grad_bytes < plain.grad_bytes and fa.optimizer_bytes < plain.optimizer_bytes
+    assert fa.activation_bytes < plain.activation_bytes and fa.lora_bytes == plain.lora_bytes
+
+
+def test_dtype_and_device(tiny_llama_dir, anatomies):
+    anatomy = anatomies(tiny_llama_dir)
+    cfg = make_cfg(tiny_llama_dir)  # dtype auto
+    gpu, cpu = estimate(anatomy, cfg, "cuda"), estimate(anatomy, cfg, "cpu")
+    assert (gpu.compute_dtype, cpu.compute_dtype) == ("bf16", "fp32")
+    assert estimate(anatomy, cfg, "cuda", bf16_capable=False).compute_dtype == "fp32"
+    assert gpu.weights_bytes == anatomy["total_params"] * 2 and cpu.weights_bytes == anatomy["total_params"] * 4
+    assert (gpu.overhead_bytes, cpu.overhead_bytes) == (CUDA_CONTEXT_BYTES, CPU_RUNTIME_BYTES)
+    with pytest.raises(ValueError, match="cuda"):
+        estimate(anatomy, cfg, "tpu")
+
+
+def test_weight_bytes_of_a_bf16_peft_model(tiny_llama_dir, anatomies):
+    """Base weights in the compute dtype, LoRA weights in fp32 (peft's autocast_adapter_dtype)."""
+    cfg = make_cfg(tiny_llama_dir, {"use_dora": True}, dtype="bf16")
+    peft_model = build_peft(tiny_llama_dir, cfg)
+    est = estimate(anatomies(tiny_llama_dir), cfg, device="cpu")
+    named = list(peft_model.named_parameters())
+    assert est.lora_bytes == sum(p.numel() * p.element_size() for n, p in named if ".lora_" in n)
+    assert est.weights_bytes == sum(p.numel() * p.element_size() for n, p in named if ".lora_" not in n)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, tiny_llama_dir, anatomies):
+    """The loop holds the logits; log_softmax's backward holds its saved output, its incoming and its
+    outgoing gradient (fp32): measured at that moment, as engine/train.py computes the loss."""
+    import torch
+
+    B, T = 2, 64
+    cfg = make_cfg(tiny_llama_dir, train={"batch_size": B, "max_seq_len": T}, dtype=dtype)
+    model = build_peft(tiny_llama_dir, cfg)
+    ids = torch.randint(12, 100, (B, T))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    node = loss.grad_fn
+    while type(node).__name__ != "LogSoftmaxBackward0":
+        node = node.next_functions[0][0]
+    alive = {}
+
+    def at_log_softmax_backward(grad_inputs, grad_outputs):
+        tensors = [logits, node._saved_result, grad_outputs[0], grad_inputs[0]]
+        alive["bytes"] = sum(t.numel() * t.element_size() for t in tensors)
+        alive["ptrs"] = len({t.untyped_storage().data_ptr() for t in tensors})
+
+    node.register_hook(at_log_softmax_backward)
+    loss.backward()
+    assert alive["ptrs"] == 4  # four distinct tensors
+    est = estimate(anatomies(tiny_llama_dir), cfg, device="cpu")
+    assert est.logits_bytes == pytest.approx(alive["bytes"], rel=0.05)  # T vs T−1 positions
+
+
+# ---- 6. a 7B-shaped anatomy: speed, verdicts, suggestions, output formats ---------------------------
+
+
+def llama_anatomy(H=4096, I=11008, L=32, heads=32, kv=32, V=32000) -> dict:
+    """What inspect_model returns for a Llama-2-7B config, built by hand (no 13 GB download)."""
+    hd = H // heads
+    shapes = [("q_proj", "attention", H, H), ("k_proj", "attention", H, kv * hd), ("v_proj", "attention", H, kv * hd),
+              ("o_proj", "attention", H, H), ("gate_proj", "mlp", H, I), ("up_proj", "mlp", H, I),
+              ("down_proj", "mlp", I, H)]
+    modules = [{"name": f"model.layers.{i}.{'self_attn' if g == 'attention' else 'mlp'}.{k}", "kind": k, "group": g,
+                "layer": i, "in": n_in, "out": n_out, "bias": False, "type": "Linear"}
+               for i in range(L) for k, g, n_in, n_out in shapes]
+    total = sum(m["in"] * m["out"] for m in modules) + 2 * V * H + (2 * L + 1) * H
+    return {"model": "llama-2-7b-shaped", "num_layers": L, "hidden_size": H, "intermediate_size": I,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": V, "tie_word_embeddings": False,
+            "total_params": total, "modules": modules}
+
+
+def test_7b_shape_counts_and_speed():
+    anatomy = llama_anatomy()
+    assert anatomy["total_params"] == 6_738_415_616  # Llama-2-7B's published count
+    cfg = RunConfig.from_dict({"lora": {"r": 8, "targets": ["qv"]}})
+    est = estimate(anatomy, cfg)
+    assert est.trainable_params == 4_194_304  # 32 layers × 2 × 8 × (4096 + 4096), the LoRA paper's setting
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(50):
+            estimate(anatomy, RunConfig())
+        best = min(best, (time.perf_counter() - t0) / 50)
+    assert best < 1e-3
+
+
+def test_fits_and_suggestions_give_re_estimated_numbers():
+    anatomy = llama_anatomy()
+    cfg = RunConfig.from_dict({"train": {"batch_size": 4, "max_seq_len": 2048}})
+    est = estimate(anatomy, cfg)
+    verdicts = fits(est)
+    assert [g for g, _ in verdicts] == [16, 24, 40, 48, 80]
+    oks = [ok for _, ok in verdicts]
+    assert oks == sorted(oks)  # once it fits, it fits every bigger card
+    assert suggestions(anatomy, cfg, est, budget_gb=est.total_gb + 1) == []
+    import dataclasses
+
+    twenty = dataclasses.replace(est, overhead_bytes=est.overhead_bytes + 20 * GIB - est.total_bytes)
+    assert fits(twenty) == [(16, False), (24, True), (40, True), (48, True), (80, True)]
+    assert fits(twenty, gpus=(21, 22)) == [(21, False), (22, True)]  # 5 % kept free
+    lines = suggestions(anatomy, cfg, est, budget_gb=16)
+    assert lines and lines[-1].startswith("together (")
+    by_label = {line.split(":")[0]: line for line in lines}
+    ckpt = estimate(anatomy, cfg.replace(train={"gradient_checkpointing": True}))
+    line = by_label["gradient checkpointing"]
+    assert f"{ckpt.total_gb:.1f} GB (saves {gb(est.total_bytes - ckpt.total_bytes):.1f} GB)" in line
+    smaller = estimate(anatomy, cfg.replace(train={"batch_size": 1, "grad_accum": 4}))
+    assert f"{smaller.total_gb:.1f} GB" in by_label["batch_size 4 → 1 with grad_accum ×4"]
+    assert "max_seq_len 2048 → 1024" in by_label
+    savings = [float(line.split("saves ")[1].split(" GB")[0]) for line in lines[:-1]]
+    assert savings == sorted(savings, reverse=True)
+
+
+def test_suggestions_include_quantization_when_weights_dominate():
+    anatomy = llama_anatomy()
+    cfg = RunConfig.from_dict({"train": {"batch_size": 1, "max_seq_len": 256, "gradient_checkpointing": True}})
+    est = estimate(anatomy, cfg)
+    lines = suggestions(anatomy, cfg, est, budget_gb=8)
+    q4 = estimate(anatomy, cfg.replace(quant="4bit"))
+    assert any(line.startswith(f"4-bit quantization: {q4.total_gb:.1f} GB") for line in lines)
+    assert q4.total_bytes < est.total_bytes
+
+
+def test_to_dict_and_table_rows(tiny_llama_dir, anatomies):
+    est = estimate(anatomies(tiny_llama_dir), make_cfg(tiny_llama_dir, {"dropout": 0.1}))
+    d = json.loads(json.dumps(est.to_dict()))
+    assert d["total_bytes"] == est.total_bytes and d["trainable_params"] == est.trainable_params
+    assert sum(d["activation_terms"].values()) == est.activation_bytes
+    rows = est.table_rows()
+    assert rows[-1][0] == "total" and rows[-1][1] == est.total_bytes
+    assert sum(b for _, b, _ in rows[:-1]) == est.total_bytes
+    assert all(isinstance(label, str) and isinstance(note, str) for label, _, note in rows)
+    assert est.total_bytes - est.allocated_bytes == est.overhead_bytes
+    assert isinstance(est, Estimate) and GIB == 2**30
+
+
+def test_estimate_module_is_stdlib_only():
+    code = ("import sys, engine.estimate; "
+            "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
