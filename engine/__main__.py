@@ -280,6 +280,62 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    """Parameter count and memory estimate of a run config (module shapes from inspect, no weights read)."""
+    from engine import estimate as E
+    from engine.model import inspect_model
+
+    try:
+        cfg = RunConfig.from_file(args.config)
+        anatomy = inspect_model(cfg.model, data_home(args.home), trust_remote_code=cfg.trust_remote_code)
+        est = E.estimate(anatomy, cfg, device=args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fits = E.fits(est)
+    if args.json:
+        print(json.dumps({**est.to_dict(), "fits": [{"gpu_gb": g, "fits": ok} for g, ok in fits],
+                          "suggestions": E.suggestions(anatomy, cfg, est, args.budget_gb) if args.budget_gb else []},
+                         indent=1))
+        return 0
+    print(f"{cfg.model}: {est.trainable_params:,} trainable of {est.total_params:,} parameters "
+          f"({est.trainable_pct:.3f}%), {est.n_modules} LoRA modules, adapter file ≈ {est.adapter_file_bytes / 2**20:.1f} MiB")
+    print(f"memory on {args.device} ({est.compute_dtype}, quant {est.quant}):")
+    for label, n, note in est.table_rows():
+        print(f"  {label:<40} {E.gb(n):8.3f} GB   {note}")
+    print("  fits on: " + ", ".join(f"{g:g} GB {'yes' if ok else 'no'}" for g, ok in fits))
+    for line in E.suggestions(anatomy, cfg, est, args.budget_gb) if args.budget_gb else []:
+        print(f"  suggestion: {line}")
+    return 0
+
+
+def cmd_spectra(args) -> int:
+    """σ(ΔW) of every adapted module, with effective rank, energy and per-layer heatmaps."""
+    from engine import spectra as S
+
+    if args.run is not None:
+        r = open_store(args).get_run(args.run)
+        target = r.adapter_dir or str(Path(r.out_dir) / "adapter")
+    elif args.adapter:
+        target = args.adapter
+    else:
+        print("error: give an adapter folder or --run ID", file=sys.stderr)
+        return 2
+    if not (Path(target) / "adapter_config.json").is_file():
+        print(f"error: {target} is not a PEFT adapter folder (no adapter_config.json)", file=sys.stderr)
+        return 2
+    spectra = S.adapter_spectra(target)
+    if args.json:
+        print(json.dumps(S.to_json(spectra), indent=1))
+        return 0
+    print(f"{target}: {len(spectra)} modules")
+    print(f"  {'module':<48} {'r':>3} {'‖ΔW‖_F':>9} {'σ1':>9} {'eff.rank':>8} {'top-1 energy':>12}")
+    for name, m in spectra.items():
+        print(f"  {name[-48:]:<48} {m.r:>3} {m.fro_norm:9.4f} {m.spectral_norm:9.4f} {m.effective_rank:8.2f} "
+              f"{m.energy_topk.get(1, 0):12.1%}")
+    return 0
+
+
 # ---- wiring ------------------------------------------------------------------------------------------
 
 
@@ -333,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="device, GPU memory, bf16 and quantization support of this machine")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_doctor)
+    from engine.jobs import add_subcommands
+
+    add_subcommands(sub, open_store)
+    e = sub.add_parser("estimate", help="trainable parameters and memory estimate of a run config")
+    e.add_argument("config", help="YAML or JSON run config")
+    e.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="estimate for this device")
+    e.add_argument("--budget-gb", type=float, help="suggest changes that fit this much memory")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_estimate)
+
+    sp = sub.add_parser("spectra", help="singular values of every ΔW of a PEFT LoRA adapter")
+    sp.add_argument("adapter", nargs="?", help="a PEFT adapter folder (any, not only ours)")
+    sp.add_argument("--run", type=int, help="the adapter of this run")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_spectra)
     return p
 
 

@@ -164,7 +164,9 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
         state = load_checkpoint(Path(resume_from), model, opt, sched)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val, elapsed_before = state.get("best_val_loss"), state.get("elapsed_s", 0.0)
-    sink.set_summary(total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device))
+    est = estimate_memory(cfg, home, device)
+    sink.set_summary(total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device),
+                     est_mem_gb=est)
     sink.log(step, {"total_steps": total_steps, "train/examples": len(prep.train), "val/examples": len(prep.val)})
 
     packed = tr.packing and packing_agrees(model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len,
@@ -231,6 +233,7 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
         if tr.save_every and step % tr.save_every == 0 and step < total_steps:
             ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val,
                                    elapsed_before + time.time() - t_start, keep=KEEP_CHECKPOINTS)
+            log_spectra(sink, step, model, reference)  # how the spectrum evolves, checkpoint by checkpoint
             sink.log(step, {"checkpoint": step})
 
     # 7) adapter, spectra, summary ---------------------------------------------------------------------
@@ -239,10 +242,7 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     adapter_dir = save_adapter(model, tok, out_dir, cfg)
     extra = {"format": prep.format, "rows": prep.n_rows, "dropped": prep.n_dropped, "train_examples": len(prep.train),
              "val_examples": len(prep.val), "data_fingerprint": prep.fingerprint, "packing": packed}
-    from engine.spectra import model_spectra
-
-    spectra = model_spectra(model, reference)
-    sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
+    log_spectra(sink, step, model, reference)
     result = TrainResult(status, step, total_steps, str(adapter_dir), str(ckpt) if ckpt else None, last_loss,
                          best_val, last_val, tokens_seen, elapsed, peak_mem_gb(device, rss_base), trainable, total,
                          str(device), extra)
@@ -319,6 +319,28 @@ def packing_agrees(model, examples: list[D.Example], pad_id: int, capacity: int,
         return False
     finally:
         model.train(was_training)
+
+
+def log_spectra(sink: MetricsSink, step: int, model, reference) -> None:
+    from engine.spectra import model_spectra
+
+    spectra = model_spectra(model, reference)
+    sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
+
+
+def estimate_memory(cfg: RunConfig, home: Path, device: torch.device) -> float | None:
+    """The calculator's estimate for this run (GiB), stored beside the measured peak.
+
+    On CPU the measured figure is the growth of peak RSS over the process baseline, so the estimate's
+    fixed runtime overhead (already in the baseline) is left out; on GPU it is max_memory_allocated,
+    which does not see the CUDA context either.
+    """
+    from engine import estimate as E
+
+    anatomy = M.inspect_model(cfg.model, home, trust_remote_code=cfg.trust_remote_code)
+    est = E.estimate(anatomy, cfg, device=device.type,
+                     bf16_capable=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return E.gb(est.allocated_bytes)
 
 
 def peak_mem_gb(device: torch.device, rss_base: float) -> float:
