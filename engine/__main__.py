@@ -95,16 +95,21 @@ def cmd_train(args) -> int:
         return 2
     store = open_store(args)
     home = data_home(args.home)
+    from storage import RunStatus, StoreSink
+
     run_id = args.run_id
-    if run_id is None:  # foreground run: it records itself
-        run_id = store.create_run(cfg.name or Path(args.config).stem, cfg.to_dict(), "", model=cfg.model)
+    if run_id is None:  # foreground run: it records itself, born running so no queue worker claims it
+        run_id = store.create_run(cfg.name or Path(args.config).stem, cfg.to_dict(), "", model=cfg.model,
+                                  status=RunStatus.RUNNING)
         out = run_dir(home, run_id)
         store.set_out_dir(run_id, str(out))
         (out / "config.json").write_text(cfg.to_json())
     else:
         out = Path(store.get_run(run_id).out_dir or run_dir(home, run_id))
     resume = args.resume or store.get_run(run_id).resume_from
-    store.mark_running(run_id, os.getpid())
+    if not store.mark_running(run_id, os.getpid()):  # cancelled (or ended) while this process was starting
+        print(f"run {run_id} is already {store.get_run(run_id).status.value}; not training", file=sys.stderr)
+        return 1
 
     stop = {"flag": False}
 
@@ -116,7 +121,6 @@ def cmd_train(args) -> int:
     signal.signal(signal.SIGINT, on_term)
 
     from engine.events import TeeSink
-    from storage import RunStatus, StoreSink
 
     sink = TeeSink(StoreSink(store, run_id), ProgressSink())
     print(f"run {run_id}: {cfg.model} on {cfg.dataset} → {out}", file=sys.stderr, flush=True)
@@ -404,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--run", type=int, help="the adapter of this run")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_spectra)
+    from engine.export import add_subcommands as add_export_subcommands
+    add_export_subcommands(sub, open_store)
     return p
 
 

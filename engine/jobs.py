@@ -1,0 +1,655 @@
+"""The background job queue: a persistent FIFO of runs, each trained by its own OS process.
+
+    runner = JobRunner(store, home)          # the app and `python -m engine worker` both do this
+    runner.recover()                         # after a crash: adopt live children, fail the dead ones
+    runner.start()                           # scheduler thread: starts queued runs, oldest first
+    run_id = runner.submit(cfg)              # validated, disk-checked, written as `queued`
+    runner.cancel(run_id)                    # SIGTERM → checkpoint + adapter, `cancelled`; SIGKILL after grace
+    runner.resume(run_id)                    # continue a failed/cancelled run from its last checkpoint
+
+Each run is exactly the command a user could type (runs/<id>/train.log receives its output):
+
+    python -m engine --home HOME train runs/<id>/config.json --run-id <id>
+
+The database is the only source of truth and the queue itself: a run is `queued` until a scheduler
+claims it with one conditional UPDATE (`Store.claim_next_queued`), so the app and any number of
+headless workers can share one database without starting a run twice. The child writes progress and
+its own ending; this module writes what the child cannot: that it died (signal or exit code, with the
+end of its log). Stdlib + engine.config/home + storage only: the web server imports it, never torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+
+import engine
+from engine.config import EMBEDDED_MODEL, ConfigError, RunConfig
+from engine.home import data_home
+from storage import RunRecord, RunStatus, Store, default_db_url
+
+REPO_ROOT = Path(engine.__file__).resolve().parent.parent  # the child runs `-m engine` from here
+LOG_NAME = "train.log"
+START_MARK = "=== "  # each launch writes one line starting with this to train.log
+
+# Disk estimate. A checkpoint holds the fp32 LoRA weights and AdamW's two moment buffers (3 × 4 bytes per
+# trainable parameter); the trainer keeps 2 (engine.train.KEEP_CHECKPOINTS) plus the final adapter.
+DEFAULT_TRAINABLE_PARAMS = 50_000_000  # conservative when the count is not known yet (r=64 on a 7B model ≈ 40 M)
+KEEP_CHECKPOINTS = 2
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"  # engine.model converts the embedded GGUF into home/models/<this>
+EMBEDDED_CONVERT_BYTES = 600 * 10**6
+DISK_MARGIN_BYTES = 200 * 10**6
+
+OOM_ADVICE = ("most likely the machine ran out of memory (the kernel's OOM killer): lower train.batch_size or "
+              "train.max_seq_len, raise train.grad_accum, use quant: 4bit or train.gradient_checkpointing")
+RESTART_ERROR = "server restarted while the run was active (the training process is gone)"
+ADOPTED_ERROR = "the training process ended while the server was down; see train.log"
+TAIL_HEADER = "\n--- last lines of train.log ---\n"
+
+
+class DiskSpaceError(ValueError):
+    """The data home lacks room for a run's checkpoints and adapter."""
+
+
+# ---- small helpers (module level so tests can monkeypatch them) -------------------------------------------
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def disk_need_bytes(cfg: RunConfig, home: Path, trainable_params: int | None = None) -> dict[str, int]:
+    """Bytes a run of `cfg` writes under the data home, by item: kept checkpoints, adapter, converted base."""
+    n = trainable_params or DEFAULT_TRAINABLE_PARAMS
+    need = {"checkpoints": KEEP_CHECKPOINTS * n * 4 * 3, "adapter": n * 4}
+    if cfg.model == EMBEDDED_MODEL and not (home / "models" / EMBEDDED_DIRNAME / "model.safetensors").is_file():
+        need["embedded model, converted once"] = EMBEDDED_CONVERT_BYTES
+    return need
+
+
+def check_disk(cfg: RunConfig, home: Path, trainable_params: int | None = None) -> None:
+    """Raise DiskSpaceError, with the numbers and the fix, if the data home lacks room for the run."""
+    need, free = disk_need_bytes(cfg, home, trainable_params), free_bytes(home)
+    total = sum(need.values())
+    if free >= total + DISK_MARGIN_BYTES:
+        return
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    params = (f"{trainable_params:,} trainable parameters" if trainable_params else
+              f"up to {DEFAULT_TRAINABLE_PARAMS:,} trainable parameters, the count not being known yet")
+    items = ", ".join(f"{what} {gb(b)}" for what, b in need.items())
+    raise DiskSpaceError(
+        f"not enough disk space in {home}: {gb(free)} free, but this run needs about {gb(total)} ({items}; "
+        f"for {params}) plus a {gb(DISK_MARGIN_BYTES)} margin. Free space on that disk, or delete old runs "
+        f"(their runs/<id>/checkpoints folders take the most room).")
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete runs/<id>/checkpoints/step-* folder (engine.train's, without importing torch)."""
+    found = [p for p in sorted(Path(out_dir, "checkpoints").glob("step-*")) if (p / "trainer_state.json").is_file()]
+    return found[-1] if found else None
+
+
+def tail_text(path: Path, max_bytes: int = 4000, max_lines: int = 40) -> str:
+    """The last lines of a text file ('' if it does not exist); progress bars' \\r count as line ends."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > max_bytes and lines:
+        lines = lines[1:]  # the first one is cut
+    return "\n".join(line for line in lines[-max_lines:] if line.strip())
+
+
+def explain_exit(rc: int) -> str:
+    """An exit status as words: signal name (with OOM advice for SIGKILL) or the exit code."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        msg = f"killed by {name} (exit {rc})"
+        return f"{msg}: {OOM_ADVICE}" if -rc == signal.SIGKILL else msg
+    return f"exited with code {rc}"
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True if the process exists and has not exited; a zombie (dead, not yet reaped) counts as gone."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no procfs (macOS): trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def is_training_child(pid: int | None) -> bool:
+    """True if `pid` is alive and runs `... -m engine ... train ...`: pids get reused after a reboot or crash."""
+    if not pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except PermissionError:
+        return False
+    return "engine" in argv and "train" in argv
+
+
+def signal_group(pid: int, sig: int) -> bool:
+    """Send `sig` to the process group led by `pid` (our children start their own session), or to the
+    process alone if it leads none (a foreground `python -m engine train`). False if it is gone."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- the runner -----------------------------------------------------------------------------------------
+
+
+class JobRunner:
+    """Runs each queued training run as `python -m engine train` in its own OS process.
+
+    The database is the only source of truth. The child reports progress and its own end; this class
+    reports what the child cannot: that it died (exit code, signal, log tail).
+    """
+
+    def __init__(self, store: Store, home: Path, *, python: str = sys.executable, max_concurrent: int = 1,
+                 poll_s: float = 0.5, db_url: str | None = None, env: Mapping[str, str] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent = {max_concurrent!r}: must be ≥ 1 (runs at the same time)")
+        self.store, self.home = store, Path(home).expanduser().resolve()
+        self.python, self.max_concurrent, self.poll_s = python, max_concurrent, poll_s
+        self.db_url, self.env = db_url, dict(env or {})
+        self._say = log or (lambda msg: None)
+        self._lock = threading.RLock()         # claim+launch, the dicts below, cancel's queued check
+        self._children: dict[int, subprocess.Popen] = {}  # run id → our child process
+        self._adopted: dict[int, int] = {}      # run id → pid of a live child left by a previous server
+        self._cancelling: set[int] = set()
+        self._escalations: dict[int, threading.Thread] = {}
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the command ----------------------------------------------------------------------------------
+
+    def command(self, run_id: int, cfg_path: Path) -> list[str]:
+        db = ["--db-url", self.db_url] if self.db_url else []
+        return [self.python, "-m", "engine", "--home", str(self.home), *db, "train", str(cfg_path),
+                "--run-id", str(run_id)]
+
+    def child_env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        # The child opens $LORALAB_DB_URL or the home's SQLite; make sure that is our database. The URL goes
+        # in the environment rather than argv, where `ps` would show a password.
+        if not self.db_url and (env.get("LORALAB_DB_URL") or default_db_url(self.home)) != self.store.url:
+            env["LORALAB_DB_URL"] = self.store.url
+        return env
+
+    def run_folder(self, run_id: int, rec: RunRecord | None = None) -> Path:
+        rec = rec or self.store.get_run(run_id)
+        return Path(rec.out_dir) if rec.out_dir else self.home / "runs" / str(run_id)
+
+    def log_path(self, run_id: int) -> Path:
+        return self.run_folder(run_id) / LOG_NAME
+
+    def log_tail(self, run_id: int, max_bytes: int = 4000) -> str:
+        return tail_text(self.log_path(run_id), max_bytes)
+
+    def active(self) -> list[int]:
+        """Runs this runner is executing (its children, and live children adopted by recover())."""
+        with self._lock:
+            return sorted([*self._children, *self._adopted])
+
+    # -- submit / cancel / resume ----------------------------------------------------------------------
+
+    def submit(self, cfg: RunConfig | Mapping, *, name: str | None = None, parent_id: int | None = None,
+               resume_from: str | None = None, est_mem_gb: float | None = None,
+               trainable_params: int | None = None) -> int:
+        """Validate, check disk space, write the run row (`queued`) and runs/<id>/config.json; return the id.
+
+        Raises ConfigError (every problem listed) or DiskSpaceError before anything is written.
+        """
+        if not isinstance(cfg, RunConfig):
+            if not isinstance(cfg, Mapping):
+                raise TypeError(f"submit() takes a RunConfig or a mapping of fields, got {type(cfg).__name__}")
+            cfg = RunConfig.from_dict(cfg)
+        check_disk(cfg, self.home, trainable_params)
+        name = name or cfg.name or f"{Path(cfg.model).name}-r{cfg.lora.r}"
+        run_id = self.store.create_run(name, cfg.to_dict(), "", model=cfg.model, parent_id=parent_id,
+                                       resume_from=resume_from, est_mem_gb=est_mem_gb,
+                                       trainable_params=trainable_params)
+        out = self.home / "runs" / str(run_id)
+        out.mkdir(parents=True, exist_ok=True)
+        self.store.set_out_dir(run_id, out)
+        _write_atomic(out / "config.json", cfg.to_json())
+        self._say(f"run {run_id}: queued ({name})")
+        self._wake.set()
+        return run_id
+
+    def cancel(self, run_id: int, grace_s: float = 30.0) -> str:
+        """Cancel a run and say what happened. Queued: cancelled at once. Running: SIGTERM to its process
+        group (the child saves a checkpoint and the adapter, then ends `cancelled`), SIGKILL after grace_s."""
+        with self._lock:  # our scheduler cannot claim it meanwhile
+            rec = self.store.get_run(run_id)
+            if rec.status is RunStatus.QUEUED and self.store.finish(
+                    run_id, RunStatus.CANCELLED, error="cancelled before it started", only_if_not_terminal=True):
+                self._say(f"run {run_id}: cancelled (it was queued)")
+                return f"run {run_id} was queued: cancelled"
+            child = self._children.get(run_id)
+        rec = self._wait_for_pid(run_id, child)
+        if rec.is_terminal:
+            return f"run {run_id} already ended ({rec.status.value}); nothing to cancel"
+        pid = rec.pid or (child.pid if child else None)
+        if pid is None:  # claimed by another runner that has not started it: its launch sees the ending
+            self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled while starting",
+                              only_if_not_terminal=True)
+            return f"run {run_id} was starting: cancelled"
+        if not (child or is_training_child(pid)):
+            return self._cancel_gone(run_id)
+        with self._lock:
+            self._cancelling.add(run_id)
+        self.store.update_run(run_id, summary={"cancel_requested": time.time()})  # for a watcher elsewhere
+        if not signal_group(pid, signal.SIGTERM):
+            return self._cancel_gone(run_id)
+        t = threading.Thread(target=self._escalate, args=(run_id, pid, grace_s), daemon=True,
+                             name=f"cancel-run-{run_id}")
+        with self._lock:
+            self._escalations[run_id] = t
+        t.start()
+        self._say(f"run {run_id}: SIGTERM sent (pid {pid})")
+        return (f"run {run_id}: asked the training process (pid {pid}) to stop; it saves a checkpoint and the "
+                f"adapter, then ends 'cancelled' (killed after {grace_s:g} s if it has not)")
+
+    def _wait_for_pid(self, run_id: int, child: subprocess.Popen | None, timeout: float = 5.0) -> RunRecord:
+        """The run, once its pid is known: a run just claimed by a scheduler has none for a moment."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.store.get_run(run_id)
+            if rec.is_terminal or rec.pid or child or time.monotonic() > deadline:
+                return rec
+            time.sleep(0.05)
+
+    def _cancel_gone(self, run_id: int) -> str:
+        time.sleep(min(1.0, self.poll_s * 2))  # let the child's or its watcher's ending land first
+        if self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled; its training process had already ended",
+                             only_if_not_terminal=True):
+            return f"run {run_id}: its training process was already gone; marked cancelled"
+        return f"run {run_id} already ended ({self.store.get_run(run_id).status.value}); nothing to cancel"
+
+    def _escalate(self, run_id: int, pid: int, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not pid_alive(pid):
+            return
+        # Record the ending first, so that the watcher (ours or another runner's) does not call it a crash.
+        self.store.finish(run_id, RunStatus.CANCELLED, only_if_not_terminal=True,
+                          error=f"cancelled: did not stop within {grace_s:g} s of SIGTERM, killed with SIGKILL"
+                                + TAIL_HEADER + self.log_tail(run_id))
+        signal_group(pid, signal.SIGKILL)
+        self._say(f"run {run_id}: SIGKILL after {grace_s:g} s")
+
+    def wait_cancelled(self, run_id: int, timeout: float | None = None) -> None:
+        """Block until the cancel of `run_id` is over (the process ended, killed if need be)."""
+        with self._lock:
+            t = self._escalations.get(run_id)
+        if t is not None:
+            t.join(timeout)
+
+    def resume(self, run_id: int, *, as_new: bool = False) -> int:
+        """Queue a failed or cancelled run again from its latest checkpoint: the same run (its loss curve
+        continues), or with as_new a new run whose parent is this one. Returns the id that will run."""
+        rec = self.store.get_run(run_id)
+        if rec.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+            raise ValueError(f"run {run_id} is {rec.status.value}: only a failed or cancelled run can be resumed")
+        out = self.run_folder(run_id, rec)
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            every = rec.config.get("train", {}).get("save_every")
+            raise ValueError(f"run {run_id} has no checkpoint to resume from (nothing in {out / 'checkpoints'}; it "
+                             f"stopped before its first save, train.save_every = {every}); submit it again instead")
+        cfg = RunConfig.from_dict(rec.config)
+        if not as_new:
+            self._wait_attempt_over(rec)
+        if as_new:
+            return self.submit(cfg, name=f"{rec.name} (resumed)", parent_id=run_id, resume_from=str(ckpt),
+                               est_mem_gb=rec.est_mem_gb, trainable_params=rec.trainable_params)
+        check_disk(cfg, self.home, rec.trainable_params)
+        self.store.update_run(run_id, summary={"cancel_requested": None})
+        self.store.requeue(run_id, resume_from=str(ckpt))
+        self._say(f"run {run_id}: queued again, to resume from {ckpt.name}")
+        self._wake.set()
+        return run_id
+
+    def _wait_attempt_over(self, rec: RunRecord, timeout: float = 15.0) -> None:
+        """Wait until the process of the run's last attempt has exited and been recorded (a cancelled child
+        marks itself `cancelled` a moment before it exits): re-queueing earlier would race its watcher."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                ours = rec.id in self._children or rec.id in self._adopted
+            if not ours and not is_training_child(rec.pid):
+                return
+            if time.monotonic() > deadline:
+                raise ValueError(f"run {rec.id}'s training process (pid {rec.pid}) is still shutting down; "
+                                 "try again in a few seconds")
+            time.sleep(0.05)
+
+    # -- recovery after a crash or restart ---------------------------------------------------------------
+
+    def recover(self) -> list[int]:
+        """Deal with runs left `running` by a previous server; returns the ids marked failed.
+
+        A live training child (checked by its command line, since pids get reused) is adopted: watched
+        until it ends (it records its own ending; if it cannot, it is marked failed). A run whose process is
+        gone is marked failed with the log tail. Runs owned by another live runner are left to it. Queued
+        runs stay queued: the scheduler starts them.
+        """
+        failed = []
+        me = os.getpid()
+        for rec in self.store.list_runs(status=RunStatus.RUNNING, limit=100_000):
+            with self._lock:
+                if rec.id in self._children or rec.id in self._adopted:
+                    continue
+                owner = rec.worker_pid
+                owned_elsewhere = owner is not None and owner not in (me, rec.pid) and pid_alive(owner)
+                if owned_elsewhere:  # that runner watches it (or is about to launch it)
+                    continue
+                if is_training_child(rec.pid):
+                    self._adopted[rec.id] = rec.pid
+                    threading.Thread(target=self._watch_adopted, args=(rec.id, rec.pid), daemon=True,
+                                     name=f"adopt-run-{rec.id}").start()
+                    self._say(f"run {rec.id}: adopted its live training process (pid {rec.pid})")
+                    continue
+            if self.store.finish(rec.id, RunStatus.FAILED, error=RESTART_ERROR + TAIL_HEADER + self.log_tail(rec.id),
+                                 only_if_not_terminal=True):
+                failed.append(rec.id)
+                self._say(f"run {rec.id}: failed ({RESTART_ERROR})")
+        return failed
+
+    def _watch_adopted(self, run_id: int, pid: int) -> None:
+        while pid_alive(pid):
+            if self._stop.wait(self.poll_s):
+                with self._lock:  # a later recover() by a new runner takes over
+                    self._adopted.pop(run_id, None)
+                return
+        with self._lock:
+            self._adopted.pop(run_id, None)
+        try:
+            if self._finish_attempt(run_id, pid, RunStatus.FAILED, ADOPTED_ERROR + TAIL_HEADER + self.log_tail(run_id)):
+                self._say(f"run {run_id}: failed ({ADOPTED_ERROR})")
+        except KeyError:  # deleted meanwhile
+            pass
+        self._wake.set()
+
+    def _finish_attempt(self, run_id: int, pid: int, status: RunStatus, error: str, exit_code: int | None = None) -> bool:
+        """Record the ending of the attempt run by `pid`, unless the run already ended or was queued again
+        (resumed) since: a watcher must never end the next attempt of the same run."""
+        with self._lock:  # our scheduler claims and launches under this lock: no attempt of ours is half-started
+            rec = self.store.get_run(run_id)
+            ours = rec.pid == pid or (rec.pid is None and rec.worker_pid == os.getpid())
+            if rec.status is not RunStatus.RUNNING or not ours:
+                return False
+            return self.store.finish(run_id, status, error=error, exit_code=exit_code, only_if_not_terminal=True)
+
+    # -- the scheduler -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler thread (once; again after stop())."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="loralab-scheduler")
+            self._thread.start()
+
+    def stop(self, *, cancel_running: bool = False, timeout: float = 30) -> None:
+        """Stop starting runs. Running children go on (a restarted server adopts them) unless cancel_running:
+        then each is cancelled (checkpoint + adapter saved) and waited for, killed after `timeout` s."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if cancel_running:
+            with self._lock:
+                mine = dict(self._children)
+            for run_id in mine:
+                self.cancel(run_id, grace_s=timeout)
+            for proc in mine.values():
+                try:
+                    proc.wait(timeout + 5)
+                except subprocess.TimeoutExpired:
+                    pass  # SIGKILLed and still not reaped: its watcher records it when it goes
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is queued or running (here or in any runner sharing the database)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.store.counts_by_status()
+            with self._lock:
+                ours = bool(self._children or self._adopted)
+            if not ours and counts[RunStatus.QUEUED.value] == 0 and counts[RunStatus.RUNNING.value] == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.1, self.poll_s))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._fill()
+            except Exception:  # a locked or unreachable database must not end the scheduler: say so, retry
+                print("loralab scheduler: error while starting queued runs (retrying):", file=sys.stderr)
+                traceback.print_exc()
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if len(self._children) + len(self._adopted) >= self.max_concurrent:
+                    return
+                rec = self.store.claim_next_queued(os.getpid())
+                if rec is None:
+                    return
+                self._launch(rec)
+
+    def _launch(self, rec: RunRecord) -> None:
+        out = self.run_folder(rec.id, rec)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_path = out / "config.json"
+        if not cfg_path.is_file():  # claimed between submit's row and its file: the row holds the config
+            _write_atomic(cfg_path, json.dumps(rec.config, indent=2))
+        cmd = self.command(rec.id, cfg_path)
+        with open(out / LOG_NAME, "ab") as log:  # append: a resumed run keeps its earlier log
+            stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+            log.write(f"{START_MARK}{stamp} run {rec.id} starts: {shlex.join(cmd)}\n".encode())
+            log.flush()
+            try:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd=REPO_ROOT, env=self.child_env())
+            except OSError as e:
+                self.store.finish(rec.id, RunStatus.FAILED, error=f"could not start the training process: {e}",
+                                  only_if_not_terminal=True)
+                return
+        self._children[rec.id] = proc
+        threading.Thread(target=self._watch, args=(rec.id, proc), daemon=True, name=f"watch-run-{rec.id}").start()
+        if not self.store.mark_running(rec.id, proc.pid):  # cancelled between the claim and now
+            signal_group(proc.pid, signal.SIGKILL)
+        self._say(f"run {rec.id}: started (pid {proc.pid}); log: {out / LOG_NAME}")
+
+    def _watch(self, run_id: int, proc: subprocess.Popen) -> None:
+        rc = proc.wait()
+        with self._lock:
+            self._children.pop(run_id, None)
+            cancelled = run_id in self._cancelling
+            self._cancelling.discard(run_id)
+        try:
+            self._record_exit(run_id, rc, cancelled, proc.pid)
+        except KeyError:  # the run was deleted while it ran: nothing to record
+            pass
+        finally:
+            self._wake.set()
+
+    def _record_exit(self, run_id: int, rc: int, cancelled: bool, pid: int) -> None:
+        rec = self.store.get_run(run_id)
+        tail = TAIL_HEADER + self.log_tail(run_id)
+        if rc < 0 and (cancelled or rec.summary.get("cancel_requested")):
+            status = RunStatus.CANCELLED
+            error = f"cancelled: the training process was {explain_exit(rc).split(':')[0]} before it could save"
+        else:
+            status = RunStatus.FAILED
+            error = explain_exit(rc) if rc else "exited with code 0 without recording how the run ended"
+        self._finish_attempt(run_id, pid, status, error + tail, exit_code=rc)
+        rec = self.store.get_run(run_id)
+        if rec.pid == pid:
+            why = f": {rec.error.split(TAIL_HEADER)[0]}" if rec.error and rec.status is not RunStatus.SUCCEEDED else ""
+            self._say(f"run {run_id}: {rec.status.value}{why}")
+
+
+# ---- CLI: submit, worker, cancel, resume ---------------------------------------------------------------
+
+
+def _open_store(args) -> Store:
+    return Store(args.db_url) if args.db_url else Store.for_home(data_home(args.home))
+
+
+def _runner(args, open_store, **kw) -> JobRunner:
+    return JobRunner(open_store(args), data_home(args.home), db_url=args.db_url, **kw)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_submit(args, open_store=_open_store) -> int:
+    runner = _runner(args, open_store)
+    try:
+        cfg = RunConfig.from_file(args.config)
+        run_id = runner.submit(cfg, name=args.name)
+    except (ConfigError, DiskSpaceError) as e:
+        _stderr(f"error: {e}")
+        return 2
+    pos = runner.store.queue_position(run_id)
+    _stderr(f"run {run_id} queued (position {pos}); the app or `python -m engine worker` runs it; "
+            f"log: {runner.log_path(run_id)}")
+    print(run_id)
+    return 0
+
+
+def cmd_worker(args, open_store=_open_store) -> int:
+    runner = _runner(args, open_store, max_concurrent=args.max_concurrent, log=_stderr)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():  # a second Ctrl-C: leave at once; the children go on, a later recover() adopts them
+            raise KeyboardInterrupt
+        _stderr(f"worker: {signal.Signals(signum).name}: cancelling running runs (they save a checkpoint); "
+                "press Ctrl-C again to leave them running")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    failed = runner.recover()
+    if failed:
+        _stderr(f"worker: marked failed after a restart: {', '.join(map(str, failed))}")
+    runner.start()
+    _stderr(f"worker {os.getpid()}: processing the queue of {runner.store!r} "
+            f"({args.max_concurrent} at a time){'; exits when idle' if args.once else ''}")
+    try:
+        while not stop.wait(1.0):
+            if args.once and runner.wait_idle(0):
+                break
+        runner.stop(cancel_running=stop.is_set(), timeout=args.grace)
+    except KeyboardInterrupt:
+        runner.stop()
+    return 0
+
+
+def cmd_cancel(args, open_store=_open_store) -> int:
+    runner = _runner(args, open_store)
+    try:
+        was = runner.store.get_run(args.id).status
+        print(runner.cancel(args.id, grace_s=args.grace))
+    except KeyError as e:
+        _stderr(f"error: {e.args[0] if e.args else e}")
+        return 2
+    if was is RunStatus.RUNNING:  # wait here: this process is what sends SIGKILL after the grace period
+        runner.wait_cancelled(args.id)
+        deadline = time.monotonic() + 10
+        while not runner.store.get_run(args.id).is_terminal and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rec = runner.store.get_run(args.id)
+        print(f"run {args.id}: {rec.status.value}")
+    return 0
+
+
+def cmd_resume(args, open_store=_open_store) -> int:
+    runner = _runner(args, open_store)
+    try:
+        run_id = runner.resume(args.id, as_new=args.as_new)
+    except (KeyError, ValueError) as e:  # DiskSpaceError and ConfigError are ValueErrors
+        _stderr(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+        return 2
+    _stderr(f"run {run_id} queued to resume; the app or `python -m engine worker` runs it")
+    print(run_id)
+    return 0
+
+
+def add_subcommands(sub, open_store=_open_store) -> None:
+    """Add submit, worker, cancel and resume to `python -m engine`'s subparsers."""
+    s = sub.add_parser("submit", help="add a run to the queue; prints its id (the app or a worker runs it)")
+    s.add_argument("config", help="YAML or JSON run config")
+    s.add_argument("--name", help="a label for the run")
+    s.set_defaults(fn=functools.partial(cmd_submit, open_store=open_store))
+
+    w = sub.add_parser("worker", help="process the queue headless until Ctrl-C or SIGTERM")
+    w.add_argument("--max-concurrent", type=int, default=1, help="runs at the same time (default 1)")
+    w.add_argument("--once", action="store_true", help="exit when nothing is queued or running")
+    w.add_argument("--grace", type=float, default=30.0,
+                   help="on Ctrl-C/SIGTERM, seconds a running run gets to save before it is killed")
+    w.set_defaults(fn=functools.partial(cmd_worker, open_store=open_store))
+
+    c = sub.add_parser("cancel", help="cancel a queued or running run (a running one saves a checkpoint)")
+    c.add_argument("id", type=int)
+    c.add_argument("--grace", type=float, default=30.0, help="seconds before SIGKILL (default 30)")
+    c.set_defaults(fn=functools.partial(cmd_cancel, open_store=open_store))
+
+    r = sub.add_parser("resume", help="queue a failed or cancelled run again from its latest checkpoint")
+    r.add_argument("id", type=int)
+    r.add_argument("--as-new", action="store_true", help="as a new run linked to this one")
+    r.set_defaults(fn=functools.partial(cmd_resume, open_store=open_store))
