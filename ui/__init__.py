@@ -1,0 +1,79 @@
+"""The LoRA Lab web UI: one gr.Blocks with a tab per module, built by build_app() (nothing at import time).
+
+    demo = build_app(store, runner, home)          # Store, JobRunner, data home
+    demo.launch(server_name="127.0.0.1", **launch_kwargs(home))
+
+Tabs, in order: Train, Chat, History, Calculator, Spectra. Chat, Calculator and Spectra come from their
+own modules (ui/chat_tab.py, ...) when those exist; each is `build_X_tab(store, runner, home, backend)`.
+This package imports no torch: model work goes through ui.backend (the engine's CLI in a child process).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import gradio as gr
+
+from ui.backend import Backend
+from ui.history_tab import build_history_tab
+from ui.train_tab import FORM_FIELDS, build_train_tab, prefill_form
+
+OPTIONAL_TABS = {"chat": "Chat", "calculator": "Calculator", "spectra": "Spectra"}
+CSS = """
+#run-status { font-size: 1.05em; }
+#estimate { background: var(--block-background-fill); padding: 6px 10px; border-radius: 6px; }
+"""
+
+
+def launch_kwargs(home: str | Path) -> dict[str, Any]:
+    """What launch() needs beside host and port: theme and css (Gradio 6 takes them here), and the
+    exports folder as the only extra place files may be served from (the adapter zips)."""
+    exports = Path(home) / "exports"
+    exports.mkdir(parents=True, exist_ok=True)
+    return {"theme": gr.themes.Soft(), "css": CSS, "allowed_paths": [str(exports)]}
+
+
+def _optional_tab(name: str, store, runner, home: Path, backend) -> Any:
+    module = f"ui.{name}_tab"
+    if importlib.util.find_spec(module) is None:
+        return None
+    with gr.Tab(OPTIONAL_TABS[name], id=name):
+        return getattr(importlib.import_module(module), f"build_{name}_tab")(store, runner, home, backend)
+
+
+def build_app(store, runner, home: str | Path, *, doctor: Mapping[str, Any] | None = None,
+              backend: Backend | None = None) -> gr.Blocks:
+    """The whole app. `doctor` (the `python -m engine doctor --json` dict) skips asking the engine at page load."""
+    home = Path(home)
+    backend = backend or Backend(home)
+    with gr.Blocks(title="LoRA Lab") as demo:
+        gr.Markdown("## LoRA Lab · fine-tune a causal LM with LoRA, watch it learn, compare runs")
+        with gr.Tabs(selected="train") as tabs:
+            with gr.Tab("Train", id="train"):
+                train = build_train_tab(store, runner, home, backend, doctor=doctor)
+            built: dict[str, Any] = {"train": train, "chat": _optional_tab("chat", store, runner, home, backend)}
+            with gr.Tab("History", id="history") as history_tab:
+                built["history"] = history = build_history_tab(store, runner, home, backend)
+            built["calculator"] = _optional_tab("calculator", store, runner, home, backend)
+            built["spectra"] = _optional_tab("spectra", store, runner, home, backend)
+
+        train.wire_load(demo, store, backend, doctor_known=doctor is not None)
+        history_tab.select(*history.refresh, api_name=False, show_progress="hidden")
+        demo.load(*history.refresh, api_name=False, show_progress="hidden")
+        history.relaunch_btn.click(
+            partial(prefill_form, store=store), [history.run_pick, train.anatomy],
+            [*(train.form[k] for k in FORM_FIELDS), train.preset, train.anatomy, tabs], api_name="relaunch")
+    demo.loralab_tabs = {k: v for k, v in built.items() if v is not None}  # what each build_X_tab returned
+    return demo
+
+
+def close_tabs(demo: gr.Blocks) -> None:
+    """End what tabs started (e.g. the chat worker process): tab.close() or tab.worker.close() where present."""
+    for tab in getattr(demo, "loralab_tabs", {}).values():
+        close = getattr(tab, "close", None) or getattr(getattr(tab, "worker", None), "close", None)
+        if callable(close):
+            close()

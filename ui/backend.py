@@ -1,0 +1,177 @@
+"""What the web server asks of the machine: model work through the engine's CLI in a child process (the
+server never imports torch), and uploaded datasets stored inside the data home.
+
+    backend = Backend(home)
+    backend.inspect("embedded:SmolLM2-135M-Instruct")   # = python -m engine --home H inspect M --json, cached
+    backend.preview(model=..., dataset=...)             # = python -m engine ... preview ... --json
+    backend.doctor()                                    # = python -m engine ... doctor --json, once per process
+
+    save_upload(tmp_file, home, "my data.jsonl")       # → <home>/datasets/my_data.jsonl, never elsewhere
+
+A failing command raises ValueError with the CLI's own error text, which the UI shows as it is.
+Inspect results are cached on disk under <home>/cache/inspect/<sha>.json, keyed by the model string
+(plus the folder's modification times for a local folder, so an edited config.json is re-read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.home import datasets_dir
+
+INSPECT_TIMEOUT_S = 180.0
+PREVIEW_TIMEOUT_S = 300.0
+DOCTOR_TIMEOUT_S = 120.0
+DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.update(extra or {})
+    return env
+
+
+def cli_error(stdout: str, stderr: str, code: int) -> str:
+    """The most useful line of a failed command: its JSON {"error"}, its 'error:' line, or its last line."""
+    try:
+        data = json.loads(stdout)
+        if isinstance(data, dict) and data.get("error"):
+            return str(data["error"])
+    except json.JSONDecodeError:
+        pass
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("error:"):
+            return ln[len("error:"):].strip()
+    return lines[-1] if lines else f"the engine command exited with code {code} and said nothing"
+
+
+def run_cli_json(args: Sequence[str], timeout: float, *, home: str | os.PathLike, python: str = sys.executable,
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m engine --home HOME ARGS...`, parse its JSON output; ValueError with the CLI's error text."""
+    cmd = [python, "-m", "engine", "--home", os.fspath(home), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(env),
+                              cwd=Path(__file__).resolve().parent.parent)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"`{' '.join(args[:2])}` took longer than {timeout:.0f} s and was stopped") from None
+    if proc.returncode != 0:
+        raise ValueError(cli_error(proc.stdout, proc.stderr, proc.returncode))
+    try:
+        data = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise ValueError(f"the engine printed something that is not JSON: {proc.stdout[:300]!r}") from None
+    if isinstance(data, dict) and "error" in data and len(data) == 1:
+        raise ValueError(str(data["error"]))
+    return data
+
+
+def inspect_cache_key(model: str, trust_remote_code: bool = False) -> str:
+    """sha256 of the model string, the trust flag and, for a local folder, its files' modification times."""
+    parts = [model.strip(), str(bool(trust_remote_code))]
+    p = Path(model.strip()).expanduser()
+    if model.strip() and p.is_dir():
+        parts.append(str(p.resolve()))
+        parts.extend(f"{f.name}:{f.stat().st_mtime_ns}" for f in sorted(p.iterdir()) if f.suffix == ".json")
+        parts.append(str(p.stat().st_mtime_ns))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+class Backend:
+    """The CLI calls the UI makes, bound to one data home, with their caches."""
+
+    def __init__(self, home: str | os.PathLike, *, python: str = sys.executable, env: dict[str, str] | None = None):
+        self.home = Path(home)
+        self.python = python
+        self.env = env
+        self._doctor: dict[str, Any] | None = None
+        self._doctor_lock = threading.Lock()
+
+    def run(self, args: Sequence[str], timeout: float) -> dict[str, Any]:
+        return run_cli_json(args, timeout, home=self.home, python=self.python, env=self.env)
+
+    def inspect(self, model: str, trust_remote_code: bool = False) -> dict[str, Any]:
+        """Architecture, parameters and LoRA-able modules of `model` (engine.model.inspect_model's dict)."""
+        model = model.strip()
+        if not model:
+            raise ValueError("give a model: a hub id, a local folder or the embedded default")
+        cached = self.cached_inspect(model, trust_remote_code)
+        if cached is not None:
+            return cached
+        cache = self._inspect_path(model, trust_remote_code)
+        args = ["inspect", model, "--json"] + (["--trust-remote-code"] if trust_remote_code else [])
+        info = self.run(args, INSPECT_TIMEOUT_S)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info), encoding="utf-8")
+        tmp.replace(cache)  # atomic: a concurrent reader sees the old file or the whole new one
+        return info
+
+    def cached_inspect(self, model: str, trust_remote_code: bool = False) -> dict[str, Any] | None:
+        """The inspect result if it is already on disk (no child process), else None."""
+        cache = self._inspect_path(model.strip(), trust_remote_code)
+        return json.loads(cache.read_text(encoding="utf-8")) if model.strip() and cache.is_file() else None
+
+    def _inspect_path(self, model: str, trust_remote_code: bool) -> Path:
+        return self.home / "cache" / "inspect" / f"{inspect_cache_key(model, trust_remote_code)}.json"
+
+    def preview(self, *, model: str, dataset: str, dataset_format: str = "auto", train_on: str = "responses",
+                max_seq_len: int = 512) -> dict[str, Any]:
+        """Detected format, row and split counts, token-length stats and the rendered first example."""
+        return self.run(["preview", "--model", model, "--dataset", dataset, "--dataset-format", dataset_format,
+                         "--train-on", train_on, "--max-seq-len", str(int(max_seq_len)), "--json"],
+                        PREVIEW_TIMEOUT_S)
+
+    def doctor(self) -> dict[str, Any]:
+        """Device and quantization support of this machine; asked once per process."""
+        with self._doctor_lock:
+            if self._doctor is None:
+                self._doctor = self.run(["doctor", "--json"], DOCTOR_TIMEOUT_S)
+            return self._doctor
+
+
+def cached_hub_models() -> list[str]:
+    """Model repos already in the local Hugging Face cache (no network), sorted; [] when there is no cache."""
+    from huggingface_hub import scan_cache_dir  # lazy: only the model picker needs it
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return []
+    return sorted(r.repo_id for r in info.repos if r.repo_type == "model")
+
+
+def sanitize_name(name: str) -> str:
+    """A safe file name: no folders, only [A-Za-z0-9._-], no leading dot, a known data suffix."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".") or "dataset"
+    stem, dot, suffix = base.rpartition(".")
+    if not dot or f".{suffix.lower()}" not in DATASET_SUFFIXES:
+        raise ValueError(f"{name!r}: upload a {', '.join(DATASET_SUFFIXES)} file")
+    return f"{stem[:100] or 'dataset'}.{suffix.lower()}"
+
+
+def save_upload(src: str | Path, home: Path, name: str | None = None) -> Path:
+    """Copy an uploaded file into <home>/datasets/ under a sanitised name (never anywhere else)."""
+    folder = datasets_dir(Path(home)).resolve()
+    clean = sanitize_name(name or Path(src).name)
+    dest, n = folder / clean, 1
+    stem, suffix = clean.rsplit(".", 1)
+    while dest.exists() and dest.read_bytes() != Path(src).read_bytes():
+        dest, n = folder / f"{stem}-{n}.{suffix}", n + 1
+    if dest.resolve().parent != folder:  # cannot happen after sanitize_name; checked because it matters
+        raise ValueError(f"refusing to write {dest} outside {folder}")
+    shutil.copyfile(src, dest)
+    return dest
