@@ -97,3 +97,24 @@ def test_quickstart_on_the_real_embedded_model(tmp_path):
     assert shown["status"] == "succeeded" and shown["steps_done"] == 3 and shown["final_loss"] < 6
     g = cli(home, "generate", "--run", run_id, "--prompt", "What is the capital of France?", "--max-new-tokens", "12")
     assert g.returncode == 0 and len(g.stdout.strip()) > 0, g.stderr
+
+
+def test_hub_id_loads_from_the_local_hf_cache_offline(tmp_path, tiny_llama_dir, chat_jsonl):
+    """A hub id goes through the real hub client: here it is served from an HF cache laid out as the
+    hub client writes it (models--org--name/snapshots/<rev>/), with HF_HUB_OFFLINE=1."""
+    import shutil
+
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--loralab-test--tiny-llama"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_llama_dir, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    env_home = tmp_path / "home"
+    cfg = write_cfg(tmp_path / "c.json", "loralab-test/tiny-llama", chat_jsonl, max_steps=2)
+    env = {**os.environ, "LORALAB_HOME": str(env_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "-m", "engine", "train", str(cfg)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    adapter_cfg = json.loads((env_home / "runs" / "1" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == "loralab-test/tiny-llama"
