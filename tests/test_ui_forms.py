@@ -366,3 +366,21 @@ def test_relaunch_prefills_the_form(tmp_path):
     values["targets"] = values["targets"]["value"]
     assert T.config_from_form(values, out[len(T.FORM_FIELDS)]) == cfg
     assert out[-1].selected == "train"
+
+
+def test_status_line_shows_progress_eta_throughput_and_padding():
+    from types import SimpleNamespace
+
+    from storage import RunStatus
+    from ui.train_tab import status_markdown
+
+    run = SimpleNamespace(id=3, name="pirate", status=RunStatus.RUNNING, total_steps=40, peak_mem_gb=None,
+                          error=None, adapter_dir=None)
+    last = {"total_steps": 40, "epoch": 0.5, "eta_s": 75, "tokens_per_s": 812.4, "pad_frac": 0.0,
+            "mem/peak_gb": 1.234, "train/loss": 1.5, "val/loss": 1.6}
+    text = status_markdown(run, last, 20, None)
+    for needle in ("#3 pirate · running", "step 20 / 40", "epoch 0.50", "ETA 1:15", "812 tok/s", "padding 0%",
+                   "peak 1.23 GB", "loss 1.5000", "val 1.6000"):
+        assert needle in text, (needle, text)
+    queued = SimpleNamespace(**{**run.__dict__, "status": RunStatus.QUEUED})
+    assert status_markdown(queued, {}, 0, 2).endswith("position 2 in the queue")

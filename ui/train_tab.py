@@ -393,6 +393,8 @@ def status_markdown(run, last: Mapping[str, float], step: int, queue_pos: int | 
         parts.append(f"ETA {format_duration(last['eta_s'])}")
     if "tokens_per_s" in last:
         parts.append(f"{last['tokens_per_s']:,.0f} tok/s")
+    if "pad_frac" in last:  # share of the computed positions that were padding (0 with packing)
+        parts.append(f"padding {last['pad_frac']:.0%}")
     peak = last.get("mem/peak_gb") or run.peak_mem_gb
     if peak:
         parts.append(f"peak {peak:.2f} GB")
