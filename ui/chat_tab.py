@@ -1,0 +1,479 @@
+"""Chat tab: 2–4 panes side by side, each the base model or an adapter, all on ONE copy of the base model
+held by the chat worker process (engine.chat.ChatWorker; this server never imports torch).
+
+One prompt goes to every visible pane; the panes stream at once (the worker takes one token per pane in
+turn) and each keeps its own conversation. The same seed is used in every pane, so what differs between
+panes comes from the weights. Under each pane: tokens, tokens/s and time to the first token. The status
+line says what the worker holds (base, adapters, device, memory), and what happens when a training job
+is running: the chat model then loads on the CPU, so it takes no GPU memory from the job.
+
+The "Export" accordion zips a run's adapter (with its model card), saves base + adapter merged into a
+folder (`python -m engine export ID --merged DIR` in a child process), or pushes to the Hugging Face Hub;
+the token typed there is used for that upload only and never stored or logged.
+
+Handlers are module-level functions; the store, the worker and the data home are bound with partial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from engine.chat import ChatError, ChatWorker, GenParams, PaneStats, WorkerDied, adapter_base_model
+from engine.config import EMBEDDED_MODEL
+from engine.export import ExportError, model_card, push, redact, spectra_summary, zip_adapter
+from storage import RunStatus
+
+MAX_PANES = 4
+BASE = "base"
+AUTO = "auto"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+YIELD_EVERY_S = 0.05  # at most ~20 screen updates a second however fast tokens come
+MERGE_TIMEOUT_S = 1800
+
+
+# ---- what the panes show -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pane:
+    """One pane's choice resolved: the adapter's name in the worker and its folder (None = the base)."""
+
+    label: str
+    name: str | None = None
+    folder: str | None = None
+    base: str | None = None   # the base model the adapter was trained on
+    error: str | None = None  # why this pane cannot run
+
+
+def run_label(r) -> str:
+    loss = f"loss {r.final_loss:.2f}" if r.final_loss is not None else "no loss"
+    return f"run {r.id} · {r.name or Path(str(r.config.get('model', ''))).name} · {loss}"
+
+
+def finished_runs(store) -> list:
+    """Runs with a saved adapter (succeeded, or cancelled after saving), newest first."""
+    out = []
+    for r in store.list_runs(status=[RunStatus.SUCCEEDED.value, RunStatus.CANCELLED.value]):
+        d = r.adapter_dir or (Path(r.out_dir) / "adapter" if r.out_dir else None)
+        if d and (Path(d) / "adapter_config.json").is_file():
+            out.append(r)
+    return out
+
+
+def pane_choices(store) -> list[tuple[str, str]]:
+    return [("base model (no adapter)", BASE)] + [(run_label(r), f"run:{r.id}") for r in finished_runs(store)]
+
+
+def base_choices(store) -> list[str]:
+    seen = [AUTO, EMBEDDED_MODEL]
+    for r in finished_runs(store):
+        m = str(r.config.get("model", ""))
+        if m and m not in seen:
+            seen.append(m)
+    return seen
+
+
+def resolve_pane(choice: str | None, store) -> Pane:
+    choice = (choice or BASE).strip()
+    if choice == BASE:
+        return Pane(label="base")
+    if choice.startswith("run:"):
+        try:
+            r = store.get_run(int(choice[4:]))
+        except (KeyError, ValueError):
+            return Pane(label=choice, error=f"{choice}: no such run")
+        folder = r.adapter_dir or str(Path(r.out_dir) / "adapter")
+        return Pane(label=f"run {r.id}", name=f"run{r.id}", folder=folder, base=str(r.config.get("model", "")))
+    folder = str(Path(choice).expanduser())
+    if not (Path(folder) / "adapter_config.json").is_file():
+        return Pane(label=Path(folder).name or choice,
+                    error=f"{choice} is not an adapter folder (no adapter_config.json)")
+    digest = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:8]
+    return Pane(label=Path(folder).name, name=f"folder-{digest}", folder=folder, base=adapter_base_model(folder))
+
+
+def pick_base(base_choice: str | None, panes: list[Pane]) -> str:
+    """The base model: as chosen, else the base of the first adapter pane, else the embedded model."""
+    choice = (base_choice or AUTO).strip()
+    if choice and choice != AUTO:
+        return choice
+    return next((p.base for p in panes if p.base), None) or EMBEDDED_MODEL
+
+
+def stats_text(s: PaneStats | None) -> str:
+    if s is None:
+        return ""
+    if s.error:
+        return f"⚠ {s.error}"
+    first = f" · first token {s.first_token_s:.2f} s" if s.first_token_s is not None else ""
+    stopped = " · stopped" if s.stopped else ""
+    return f"{s.tokens} tokens · {s.tokens_per_s:.1f} tok/s{first} · {s.seconds:.2f} s{stopped}"
+
+
+def gb(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f} GB"
+
+
+def size(n: int | None) -> str:
+    n = n or 0
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def training_note(store, info: dict[str, Any]) -> str:
+    """What a running training job means for the chat (said in the status line)."""
+    running = store.list_runs(status=RunStatus.RUNNING.value)
+    if not running:
+        return ""
+    ids = ", ".join(f"#{r.id}" for r in running)
+    if not info:
+        return (f"Training run {ids} is running: the chat model will load on the CPU so it takes no GPU memory "
+                "from the job (slower).")
+    if info.get("device", "").startswith("cuda"):
+        return (f"Training run {ids} is running while the chat model holds {gb(info.get('cuda_allocated_gb'))} of "
+                "GPU memory; if the job runs short of memory, press Unload.")
+    if info.get("cuda_available"):
+        return (f"Training run {ids} is using the GPU: the chat runs on the CPU (slower). Unload and send again "
+                "after the job ends to chat on the GPU.")
+    return f"Training run {ids} is running on this CPU too: both share the cores, so both are slower."
+
+
+def status_text(info: dict[str, Any], note: str = "") -> str:
+    if not info:
+        text = "**Chat worker:** not running (it starts with the first message; Unload ends it and frees its memory)."
+    else:
+        adapters = ", ".join(info.get("adapters") or {}) or "none"
+        mem = f"RSS {gb(info.get('rss_gb'))} (peak {gb(info.get('peak_rss_gb'))})"
+        if info.get("cuda_allocated_gb") is not None:
+            mem += f" · GPU {gb(info.get('cuda_allocated_gb'))} (peak {gb(info.get('cuda_max_allocated_gb'))})"
+        text = (f"**Chat worker:** `{info.get('base')}` on {info.get('device')} ({info.get('dtype')}"
+                f"{', ' + info['quant'] if info.get('quant') not in (None, 'none') else ''}) · adapters: {adapters} · "
+                f"base weights held once: {size(info.get('base_bytes'))}, LoRA {size(info.get('lora_bytes'))} · {mem}")
+        if info.get("note"):
+            text += f"  \n{info['note']}"
+    return text + (f"  \n{note}" if note else "")
+
+
+# ---- handlers -----------------------------------------------------------------------------------------
+
+
+class Session:
+    """Per-browser-session Stop flags (keyed by Gradio's session hash), shared by the handlers."""
+
+    def __init__(self) -> None:
+        self.cancels: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+
+    def begin(self, key: str) -> threading.Event:
+        with self.lock:
+            ev = self.cancels[key] = threading.Event()
+            return ev
+
+    def stop(self, key: str) -> None:
+        with self.lock:
+            ev = self.cancels.get(key)
+        if ev is not None:
+            ev.set()
+
+
+def _key(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+def send(prompt, n_panes, base_choice, system, max_new_tokens, temperature, top_p, seed, choices, histories,
+         request: gr.Request = None, *, store, worker: ChatWorker, sessions: Session, c: "ChatTab"):
+    """Generator: append the prompt to every visible pane, then stream all panes together."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise gr.Error("Type a message first")
+    n = int(n_panes)
+    histories = [list(h) for h in (histories or [[] for _ in range(MAX_PANES)])]
+    panes = [resolve_pane(choices[i], store) for i in range(n)]
+    base = pick_base(base_choice, panes)
+    shown = [list(h) for h in histories]  # what the chatbots display: history + the reply being written
+    texts = {i: "" for i in range(n)}
+    stats: dict[int, PaneStats] = {}
+    for i in range(n):
+        shown[i] += [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+
+    def frame(status: str | None = None, final: bool = False) -> dict:
+        out: dict = {c.prompt: ""} if final or status is not None else {}  # cleared once sent
+        for i in range(n):
+            shown[i][-1] = {"role": "assistant", "content": texts[i]}
+            out[c.bots[i]] = shown[i]
+            out[c.stats[i]] = stats_text(stats.get(i))
+        if status is not None:
+            out[c.status] = status
+        if final:
+            out[c.histories] = histories
+        return out
+
+    note = training_note(store, worker.info if worker.running else {})
+    if not worker.running or worker.base != base:
+        yield frame(f"Loading `{base}` in the chat worker (the first start imports torch: 10–30 s)…  \n{note}")
+    running_job = bool(store.list_runs(status=RunStatus.RUNNING.value))
+    try:
+        worker.start(base, device="cpu" if running_job else "auto", threads=1 if running_job else 0)
+        for i, p in enumerate(panes):
+            if p.error is None and p.name:
+                try:
+                    worker.ensure_adapter(p.name, p.folder)
+                except WorkerDied:
+                    raise
+                except ChatError as e:
+                    panes[i] = Pane(label=p.label, error=str(e))
+    except ChatError as e:  # WorkerDied included: its message says the next message restarts it
+        for i in range(n):
+            texts[i] = f"⚠ {e}"
+        yield frame(status_text({}, f"⚠ {e}"), final=True)
+        return
+
+    for i, p in enumerate(panes):
+        if p.error:
+            texts[i] = f"⚠ {p.error}"
+    runnable = [i for i, p in enumerate(panes) if not p.error]
+    params = GenParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                       seed=int(seed or 0))
+    prefix = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+    requests = [(i, prefix + histories[i] + [{"role": "user", "content": prompt}], panes[i].name) for i in runnable]
+    cancel = sessions.begin(_key(request))
+    yield frame(status_text(worker.info, note))
+    last = time.monotonic()
+    try:
+        for i, delta in worker.stream_many(requests, params, on_done=stats.__setitem__, cancel=cancel):
+            texts[i] += delta
+            if time.monotonic() - last >= YIELD_EVERY_S:
+                last = time.monotonic()
+                yield frame()
+    except ChatError as e:
+        for i in runnable:
+            texts[i] += f"\n\n⚠ {e}"
+        yield frame(status_text({}, f"⚠ {e}"), final=True)
+        return
+    for i in range(n):  # keep the turn in this pane's own history (an error reply is not kept)
+        if not panes[i].error:
+            histories[i] = histories[i] + [{"role": "user", "content": prompt},
+                                           {"role": "assistant", "content": texts[i]}]
+    yield frame(status_text(worker.info, training_note(store, worker.info)), final=True)
+
+
+def stop(request: gr.Request = None, *, sessions: Session) -> None:
+    sessions.stop(_key(request))
+
+
+def clear(*, c: "ChatTab") -> dict:
+    out: dict = {c.histories: [[] for _ in range(MAX_PANES)]}
+    for i in range(MAX_PANES):
+        out[c.bots[i]] = []
+        out[c.stats[i]] = ""
+    return out
+
+
+def clear_pane(i: int, histories, *, c: "ChatTab") -> dict:
+    """A pane switched to another model starts a new conversation."""
+    histories = [list(h) for h in (histories or [[] for _ in range(MAX_PANES)])]
+    histories[i] = []
+    return {c.histories: histories, c.bots[i]: [], c.stats[i]: ""}
+
+
+def show_panes(n) -> list:
+    return [gr.update(visible=i < int(n)) for i in range(MAX_PANES)]
+
+
+def refresh_choices(p0, p1, p2, p3, base_choice, *, store) -> list:
+    choices = [p0, p1, p2, p3]
+    opts = pane_choices(store)
+    bases = base_choices(store)
+    return [*(gr.update(choices=opts, value=v) for v in choices), gr.update(choices=bases, value=base_choice),
+            gr.update(choices=[(run_label(r), r.id) for r in finished_runs(store)])]
+
+
+def report(*, store, worker: ChatWorker) -> str:
+    info = worker.report()
+    return status_text(info, training_note(store, info))
+
+
+def unload(*, store, worker: ChatWorker) -> str:
+    worker.close()
+    return status_text({}, "Unloaded: the worker process ended and its memory was freed.")
+
+
+# ---- export --------------------------------------------------------------------------------------------
+
+
+def _run_for_export(run_id, store):
+    if run_id in (None, ""):
+        raise gr.Error("Choose a run to export")
+    r = store.get_run(int(run_id))
+    if not r.adapter_dir or not (Path(r.adapter_dir) / "adapter_config.json").is_file():
+        raise gr.Error(f"run #{r.id} has no saved adapter")
+    return r
+
+
+def export_zip(run_id, *, store, home: Path):
+    r = _run_for_export(run_id, store)
+    card = model_card(r, spectra_summary(store.get_spectra(r.id)))
+    out = zip_adapter(r.adapter_dir, Path(home) / "exports" / f"run-{r.id}-adapter.zip", card)
+    return gr.update(value=str(out), visible=True), f"Adapter of run #{r.id} zipped with its model card: `{out}`"
+
+
+def engine_cli(args: list[str], *, store, home: Path, env: dict[str, str] | None = None,
+               timeout: float = MERGE_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`python -m engine --home HOME --db-url URL ARGS...` in a child process (torch stays out of the server)."""
+    cmd = [sys.executable, "-m", "engine", "--home", str(home), "--db-url", store.url, *args]
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=full_env)
+
+
+def export_merged(run_id, folder, *, store, home: Path) -> str:
+    r = _run_for_export(run_id, store)
+    out = (folder or "").strip() or str(Path(home) / "exports" / f"run-{r.id}-merged")
+    try:
+        proc = engine_cli(["export", str(r.id), "--merged", out, "--force"], store=store, home=home)
+    except subprocess.TimeoutExpired:
+        raise gr.Error(f"merging took longer than {MERGE_TIMEOUT_S} s and was stopped") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise gr.Error(next((ln[6:].strip() for ln in reversed(lines) if ln.startswith("error:")),
+                            lines[-1] if lines else "export failed"))
+    return f"Merged model of run #{r.id} (base + adapter, merge_and_unload) saved to `{out}`"
+
+
+def push_to_hub(run_id, repo, token, private, merged, *, store, home: Path) -> str:
+    """Adapter pushes run here (huggingface_hub only); a merged push needs torch: a child process, token in its env."""
+    r = _run_for_export(run_id, store)
+    repo = (repo or "").strip()
+    token = (token or "").strip() or None
+    if merged:
+        env = {"HF_TOKEN": token} if token else {}
+        proc = engine_cli(["push", str(r.id), "--repo", repo, "--merged"] + ([] if private else ["--public"]),
+                          store=store, home=home, env=env)
+        text = redact((proc.stdout + proc.stderr).strip().splitlines()[-1] if (proc.stdout + proc.stderr).strip()
+                      else "push failed", token)
+        if proc.returncode != 0:
+            raise gr.Error(text.removeprefix("error: "))
+        return text
+    try:
+        url = push(r, repo, token=token, private=bool(private), spectra=spectra_summary(store.get_spectra(r.id)),
+                   home=home)
+    except ExportError as e:
+        raise gr.Error(redact(str(e), token)) from None
+    return f"Pushed the adapter of run #{r.id} to {url} ({'private' if private else 'public'})"
+
+
+# ---- layout --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatTab:
+    prompt: Any = None
+    bots: list = None  # type: ignore[assignment]
+    stats: list = None  # type: ignore[assignment]
+    status: Any = None
+    histories: Any = None
+    worker: ChatWorker | None = None
+    refresh: Any = None  # (fn, inputs, outputs): new runs into the pickers; wire it to the tab's select if wanted
+
+
+def build_chat_tab(store, runner, home: Path, backend=None) -> ChatTab:
+    home = Path(home)
+    worker = ChatWorker(home)
+    sessions = Session()
+    c = ChatTab(worker=worker)
+    opts = pane_choices(store)
+    first_run = opts[1][1] if len(opts) > 1 else BASE
+
+    with gr.Row():
+        n_panes = gr.Radio([2, 3, 4], value=2, label="Panes", scale=1, elem_id="chat-n-panes")
+        base_choice = gr.Dropdown(base_choices(store), value=AUTO, allow_custom_value=True, scale=3,
+                                  label="Base model (all panes share it)", elem_id="chat-base",
+                                  info="auto = the base of the first run chosen below, else the embedded model")
+        refresh_btn = gr.Button("↻ Runs", size="sm", scale=0, min_width=80)
+    columns, pickers, c.bots, c.stats = [], [], [], []
+    with gr.Row(equal_height=False):
+        for i in range(MAX_PANES):
+            with gr.Column(visible=i < 2, min_width=240) as col:
+                pickers.append(gr.Dropdown(opts, value=BASE if i == 0 else first_run, allow_custom_value=True,
+                                           label=f"Pane {i + 1}", elem_id=f"chat-pane-{i}",
+                                           info="base, a finished run, or an adapter folder"))
+                c.bots.append(gr.Chatbot(label=f"Pane {i + 1}", height=380, elem_id=f"chat-bot-{i}",
+                                         feedback_options=None, buttons=["copy"]))
+                c.stats.append(gr.Markdown(elem_id=f"chat-stats-{i}"))
+            columns.append(col)
+    with gr.Row():
+        c.prompt = gr.Textbox(placeholder="One message, sent to every pane", show_label=False, scale=6,
+                              elem_id="chat-prompt", lines=1)
+        send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        stop_btn = gr.Button("Stop", scale=1, elem_id="chat-stop")
+        clear_btn = gr.Button("Clear", scale=1, elem_id="chat-clear")
+    with gr.Accordion("Generation settings (the same in every pane)", open=False):
+        with gr.Row():
+            max_new = gr.Slider(1, 1024, 128, step=1, label="Max new tokens")
+            temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Temperature", info="0 = greedy")
+            top_p = gr.Slider(0.05, 1, 0.95, step=0.05, label="Top-p")
+            seed = gr.Number(0, precision=0, label="Seed", info="reset per pane: differences come from the weights")
+        system = gr.Textbox(label="System prompt (optional)", lines=2)
+    with gr.Row():
+        c.status = gr.Markdown(status_text({}, training_note(store, {})), elem_id="chat-status")
+        status_btn = gr.Button("Worker status", size="sm", scale=0, min_width=120)
+        unload_btn = gr.Button("Unload", size="sm", scale=0, min_width=90, elem_id="chat-unload")
+    with gr.Accordion("Export a run: adapter zip, merged model, Hugging Face Hub", open=False):
+        runs = finished_runs(store)
+        export_run = gr.Dropdown([(run_label(r), r.id) for r in runs], value=runs[0].id if runs else None,
+                                 label="Run", elem_id="chat-export-run")
+        with gr.Row():
+            zip_btn = gr.Button("Download adapter zip", size="sm")
+            merged_dir = gr.Textbox(label="Merged model folder", placeholder=str(home / "exports" / "run-N-merged"),
+                                    scale=3)
+            merge_btn = gr.Button("Save merged model to folder", size="sm")
+        zip_file = gr.File(label="Adapter zip", visible=False, interactive=False)
+        with gr.Row():
+            repo = gr.Textbox(label="Hub repo", placeholder="your-name/pirate-lora", scale=2)
+            token = gr.Textbox(label="HF token (write)", type="password", scale=2,
+                               info="empty = HF_TOKEN or `hf auth login`; used for this upload only, never stored")
+            private = gr.Checkbox(True, label="private")
+            push_merged = gr.Checkbox(False, label="push the merged model")
+            push_btn = gr.Button("Push to Hub", size="sm")
+        export_md = gr.Markdown()
+    c.histories = gr.State([[] for _ in range(MAX_PANES)])
+
+    chat_outputs = [c.prompt, *c.bots, *c.stats, c.status, c.histories]
+    send_fn = partial(send, store=store, worker=worker, sessions=sessions, c=c)
+
+    def send_handler(prompt, n, base, sys_prompt, mx, temp, tp, sd, histories, p0, p1, p2, p3,
+                     request: gr.Request):
+        yield from send_fn(prompt, n, base, sys_prompt, mx, temp, tp, sd, [p0, p1, p2, p3], histories, request)
+
+    send_inputs = [c.prompt, n_panes, base_choice, system, max_new, temperature, top_p, seed, c.histories, *pickers]
+    gr.on([send_btn.click, c.prompt.submit], send_handler, send_inputs, chat_outputs, api_name="chat_send",
+          show_progress="hidden")
+    stop_btn.click(partial(stop, sessions=sessions), None, None, api_name="chat_stop", queue=False)
+    clear_btn.click(partial(clear, c=c), None, [*c.bots, *c.stats, c.histories], api_name="chat_clear")
+    n_panes.change(show_panes, [n_panes], columns, api_name=False)
+    for i, picker in enumerate(pickers):  # another model in the pane, or its own 🗑: a new conversation there
+        gr.on([picker.change, c.bots[i].clear], partial(clear_pane, i, c=c), [c.histories],
+              [c.histories, c.bots[i], c.stats[i]], api_name=False)
+    c.refresh = (partial(refresh_choices, store=store), [*pickers, base_choice], [*pickers, base_choice, export_run])
+    refresh_btn.click(*c.refresh, api_name=False)
+    status_btn.click(partial(report, store=store, worker=worker), None, [c.status], api_name="chat_status")
+    unload_btn.click(partial(unload, store=store, worker=worker), None, [c.status], api_name="chat_unload")
+    zip_btn.click(partial(export_zip, store=store, home=home), [export_run], [zip_file, export_md],
+                  api_name="chat_export_zip")
+    merge_btn.click(partial(export_merged, store=store, home=home), [export_run, merged_dir], [export_md],
+                    api_name="chat_export_merged")
+    push_btn.click(partial(push_to_hub, store=store, home=home), [export_run, repo, token, private, push_merged],
+                   [export_md], api_name="chat_push")
+    return c
