@@ -34,9 +34,11 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not browser"
 
+# Each script prints ratios measured side by side in one run (absolute times mean little on a busy machine).
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/spectra.py --quick
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/memory_accuracy.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/compare_memory.py --quick
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/throughput.py --quick
 
 clean:

@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = {
     # A tiny Llama over SmolLM2's real 49k-token tokenizer, on chatterbot-corpus (lengths vary ~25–250 tokens).
     "tiny": {"model": "tiny", "dataset": "builtin:chatterbot", "batch_size": 8, "max_seq_len": 256, "steps": 40,
-             "lr": 1e-3, "r": 8},
+             "quick_steps": 24, "lr": 1e-3, "r": 8},
     # The embedded SmolLM2-135M-Instruct on the same data.
     "smollm2": {"model": "embedded:SmolLM2-135M-Instruct", "dataset": "builtin:chatterbot", "batch_size": 8,
-                "max_seq_len": 256, "steps": 10, "lr": 2e-4, "r": 8},
+                "max_seq_len": 256, "steps": 10,
+                "quick_steps": 6, "lr": 2e-4, "r": 8},
 }
 WARMUP_STEPS = 2   # steps excluded from the rate (allocator warm-up, first-call overheads)
 LAST_K = 5         # final loss = mean over the last K steps
@@ -216,9 +217,11 @@ def main() -> int:
     summaries = []
     for s in settings:
         print(f"{s}: {SETTINGS[s]['model']} on {SETTINGS[s]['dataset']}, batch {SETTINGS[s]['batch_size']}, "
-              f"{args.steps or SETTINGS[s]['steps']} steps × {args.rounds} rounds, alternating engine / Trainer",
+              f"{args.steps or SETTINGS[s]['quick_steps' if args.quick else 'steps']} steps × {args.rounds} rounds, "
+              "alternating engine / Trainer",
               flush=True)
-        summaries.append(run_setting(s, args.rounds, args.steps, home))
+        steps = args.steps or (SETTINGS[s]["quick_steps"] if args.quick else None)
+        summaries.append(run_setting(s, args.rounds, steps, home))
     print()
     print(f"{'setting':<9} {'engine tok/s':>12} {'Trainer tok/s':>13} {'ratio':>6} {'pad engine':>10} "
           f"{'pad Trainer':>11} {'loss engine':>11} {'loss Trainer':>12} {'Δloss':>6}")
