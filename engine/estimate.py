@@ -23,10 +23,29 @@ autograd graph after a forward pass (tests/test_estimate.py repeats that check):
 - Attention runs through SDPA's memory-efficient/flash kernels, O(T) memory per layer, on GPU and
   CPU alike; no (T × T) score matrix is kept. Models whose attention has dropout (GPT-2) fall back to
   the O(T²) math kernel on CPU, which is not modelled.
-- Batches are padded to max_seq_len (the worst batch). With batch_size > 1 a batch has padding, so
-  transformers passes a (B, 1, T, T) mask that SDPA turns into a float bias in every layer and keeps
-  for backward, and grouped-query attention runs on keys/values repeated to every head (repeat_kv).
-  With batch_size 1 there is no mask and keys/values stay at num_key_value_heads.
+- Rows are full: batch_size rows of max_seq_len tokens (the worst micro-batch). With packing (the
+  default, engine/data.py collate_packed) a row holds one or more examples with restarting position
+  ids and no attention_mask; transformers then builds a block-diagonal (R, 1, L, L) boolean mask from
+  the position ids as soon as one row holds a restart (two examples, or one example and a pad tail).
+  With padding (packing off) any padded batch gets a (B, 1, T, T) mask. Either way, with batch_size > 1
+  SDPA turns the mask into a float bias in every layer and keeps it for backward, and grouped-query
+  attention runs on keys/values repeated to every head (repeat_kv); measured on packed rows exactly as
+  on padded ones (tests/test_estimate.py). With batch_size 1 there is no mask (a single example has
+  no restart) and keys/values stay at num_key_value_heads. Rows that each hold exactly one
+  max_seq_len example have no mask either: the estimate keeps the mask, an upper bound.
+- The loss: with packing the trainer runs the output head only on positions that have a target
+  (engine/train.py token_losses), so the logits are N × vocab with N ≤ batch_size·(max_seq_len − 1)
+  target tokens, not batch × seq × vocab. Every position is assumed to be a target (train_on all, or
+  the worst case of train_on responses) unless estimate() gets a target_frac hint.
+- At the start of a packed run the trainer checks, without gradients, that packing gives the padded
+  losses on the first 4 examples (engine/train.py packing_agrees). Its logits can exceed the training
+  step's when batch_size < 4 and the vocabulary is large; the estimate counts the excess.
+- On CPU the trainer's measured peak is the growth of peak RSS over a baseline taken after torch is
+  imported; the model's transformers code, peft and the tokenizer load after that baseline and count
+  in the growth (framework_bytes), and so does memory glibc's malloc keeps after tensors are freed
+  (allocator_bytes, see CPU_HEAP_KEPT_FRACTION) and, with quantization, the checkpoint's pages left
+  mapped (mapped_file_bytes). tensor_bytes is the part max_memory_allocated would count.
+  bench/memory_accuracy.py measures both levels.
 
 "GB" in this module means GiB (2**30 bytes), as torch and nvidia-smi report memory.
 """
@@ -45,10 +64,37 @@ GIB = 1024**3
 # Fixed costs outside the tensors we count. torch.cuda.max_memory_allocated() does not see them;
 # nvidia-smi does. The CUDA context (driver, cuBLAS/cuDNN handles and kernels) takes 300 MiB–2 GiB
 # depending on GPU and library versions (vram.asmirnov.xyz); 0.5 GiB is typical for a single H100/A100
-# with torch 2.x. On CPU, the resident size of a Python process with torch, transformers and peft
-# imported is about 0.3 GiB before any model is loaded.
+# with torch 2.x. On CPU, a Python process with torch and the engine imported (the trainer's RSS
+# baseline) is resident at 0.21 GiB (measured, torch 2.13).
 CUDA_CONTEXT_BYTES = 512 * 1024**2
-CPU_RUNTIME_BYTES = 300 * 1024**2
+CPU_RUNTIME_BYTES = 220 * 1024**2
+# On CPU, part of the process's memory arrives after engine/train.py takes its RSS baseline (right after
+# `import torch`): transformers' model code, peft, the tokenizer and the tokenized data. Measured with
+# torch 2.13 / transformers 5.23 / peft 0.21 on a Llama: +114 MiB for transformers' Llama modules,
+# +54 MiB for peft, a few MiB for the tokenizer.
+CPU_FRAMEWORK_BYTES = 170 * 1024**2
+# On CPU, RSS does not fall when tensors are freed: torch allocates with glibc malloc, which serves
+# requests under its mmap threshold (raised dynamically up to 32 MiB) from the heap, and the heap keeps
+# freed chunks resident (it only returns its top, and freed holes between live tensors coalesce into
+# regions that later requests, even (N × vocab) ones, are carved from). Activations, their gradients and
+# the temporaries of each layer are such chunks. Measured by bench/memory_accuracy.py on 14 configs
+# (4-layer Llama and SmolLM2-135M; LoRA, DoRA, LoRA-FA, 8/4-bit, checkpointing; torch 2.13, glibc 2.36):
+# the peak RSS growth exceeded the live tensor bytes (counted exactly by a TorchDispatchMode) by
+# CPU_FRAMEWORK_BYTES plus about one more copy of the activations as they are WITHOUT checkpointing;
+# with checkpointing (blocks rebuilt one at a time in backward) three quarters of that copy fitted the
+# three checkpointed configs. The CPU estimate then lands within −11 % … +5 % of the measured RSS growth
+# on the bench's 10 configs (RSS itself varies ±5 % between identical runs). With
+# MALLOC_MMAP_THRESHOLD_=131072 the extra roughly halves. CUDA's caching allocator is not affected:
+# max_memory_allocated counts live tensors only.
+CPU_HEAP_KEPT_FRACTION = 1.0
+CPU_HEAP_KEPT_FRACTION_CHECKPOINTED = 0.75
+# On CPU, from_pretrained memory-maps the checkpoint, and parameters loaded in the file's dtype alias that
+# mapping (no copy). With quantization the unquantized parameters (embeddings, norms, head) still alias it,
+# so the mapping stays alive for the whole run, and the linear layers' original bytes, read once to
+# quantize them, stay resident beside their int8/NF4 copies (seen in /proc/self/smaps by the bench).
+FILE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# engine/train.py packing_agrees checks packing on prep.train[:4] before training (no gradients).
+PACKING_CHECK_EXAMPLES = 4
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
@@ -166,9 +212,15 @@ class Estimate:
     grad_bytes: int              # fp32 gradients of the trainable parameters
     optimizer_bytes: int         # AdamW states
     activation_bytes: int        # tensors autograd keeps for backward at the end of the forward pass
-    logits_bytes: int            # logits and the loss's fp32 copies at the start of backward
+    recompute_bytes: int         # gradient checkpointing: the one block recomputed in backward (in activation_bytes)
+    logits_bytes: int            # the loss's fp32 (N × vocab) tensors alive at its backward
     workspace_bytes: int         # transient buffers of one layer's backward (gradients, dequantised weight)
-    overhead_bytes: int          # CUDA context or CPU runtime
+    startup_bytes: int           # what the start-up packing check needs beyond the training step (often 0)
+    framework_bytes: int         # CPU: libraries and tokenizer loaded after the trainer's RSS baseline; 0 on CUDA
+    allocator_bytes: int         # CPU: freed heap memory glibc keeps resident (see CPU_HEAP_KEPT_FRACTION); 0 on CUDA
+    mapped_file_bytes: int       # CPU + quantization: the checkpoint's linear layers left mapped and resident
+    overhead_bytes: int          # CUDA context or CPU runtime (outside the trainer's measured peak)
+    n_targets: int               # N: positions the logits are computed for (worst case unless target_frac)
     activation_terms: tuple[tuple[str, int], ...]  # activation_bytes split by what keeps it
     assumptions: tuple[str, ...]
 
@@ -177,10 +229,30 @@ class Estimate:
         return self.base_linear_bytes + self.base_other_bytes
 
     @property
+    def peak_moment(self) -> str:
+        """When a training step peaks: 'loss' (start of backward: every kept activation plus the loss's
+        N × vocab tensors) or 'block' (the last block's backward: the loss's tensors are freed, the
+        gradients, the backward workspace and, with checkpointing, the recomputed block are alive)."""
+        at_block = self.recompute_bytes + self.grad_bytes + self.workspace_bytes
+        return "loss" if self.logits_bytes >= at_block else "block"
+
+    @property
     def allocated_bytes(self) -> int:
-        """What torch.cuda.max_memory_allocated() should see: everything but the fixed overhead."""
-        return (self.weights_bytes + self.lora_bytes + self.grad_bytes + self.optimizer_bytes
-                + self.activation_bytes + self.logits_bytes + self.workspace_bytes)
+        """What the trainer records as its peak (peak_mem_gb): everything but the fixed overhead.
+
+        On CUDA that is torch.cuda.max_memory_allocated(); on CPU the growth of peak RSS over the
+        baseline the trainer takes after importing torch, which also holds framework_bytes.
+        The terms of the two moments of peak_moment are not added: only the larger moment counts.
+        """
+        at_block = self.recompute_bytes + self.grad_bytes + self.workspace_bytes
+        return (self.weights_bytes + self.lora_bytes + self.optimizer_bytes
+                + self.activation_bytes - self.recompute_bytes + max(self.logits_bytes, at_block)
+                + self.startup_bytes + self.framework_bytes + self.allocator_bytes + self.mapped_file_bytes)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The peak of live tensor bytes alone (what max_memory_allocated counts, on any device)."""
+        return self.allocated_bytes - self.framework_bytes - self.allocator_bytes - self.mapped_file_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -195,11 +267,15 @@ class Estimate:
         d["activation_terms"] = dict(self.activation_terms)
         d["assumptions"] = list(self.assumptions)
         d.update(weights_bytes=self.weights_bytes, allocated_bytes=self.allocated_bytes,
-                 total_bytes=self.total_bytes, total_gb=round(self.total_gb, 3))
+                 total_bytes=self.total_bytes, total_gb=round(self.total_gb, 3), peak_moment=self.peak_moment)
         return d
 
     def table_rows(self) -> list[tuple[str, int, str]]:
-        """(label, bytes, note) per term, then the total, for the UI's breakdown table."""
+        """(label, bytes, note) per term, then the total, for the UI's breakdown table.
+
+        The bytes are what is alive at the peak (peak_moment), so they add up to the total; a term that
+        exists only at the other moment is listed with 0 bytes and its size in the note.
+        """
         q = {"none": f"{self.compute_dtype}", "8bit": "int8 + fp32 row scales (LLM.int8)",
              "4bit": "NF4 + double-quantised absmax (QLoRA)"}[self.quant]
         other_dtype = "fp32 (peft upcasts them for k-bit training)" if self.quant != "none" else self.compute_dtype
@@ -208,15 +284,44 @@ class Estimate:
             ("base weights: linear layers", self.base_linear_bytes, q),
             ("base weights: embeddings, norms, head", self.base_other_bytes, other_dtype),
             ("LoRA weights", self.lora_bytes, f"{self.lora_params:,} params, fp32"),
-            ("gradients", self.grad_bytes, f"{self.trainable_params:,} trainable params, fp32"),
             ("optimizer states", self.optimizer_bytes, "AdamW: exp_avg + exp_avg_sq, fp32"),
-            ("activations", self.activation_bytes, f"{self.activation_dtype}; GB: {act}"),
-            ("logits + loss", self.logits_bytes, "B·T·vocab: logits + 3 fp32 copies at the start of backward"),
-            ("backward workspace", self.workspace_bytes, "transient gradients of one layer"
-             + (" + one dequantised weight" if self.quant != "none" else "")),
-            ("CUDA context" if self.device == "cuda" else "torch runtime", self.overhead_bytes,
-             "fixed; not in torch.cuda.max_memory_allocated" if self.device == "cuda" else "fixed"),
+            ("activations", self.activation_bytes - self.recompute_bytes, f"{self.activation_dtype}; GB: {act}"
+             + ("; without the recomputed block" if self.recompute_bytes else "")),
         ]
+        at_loss = self.peak_moment == "loss"
+        later = "not at the peak: made during backward after the loss's tensors are freed"
+        moment = [
+            ("logits + loss", self.logits_bytes, at_loss, f"N·vocab, N = {self.n_targets:,} target positions: "
+             "log-probs and 2 gradients, fp32, at the loss's backward"),
+            ("gradients", self.grad_bytes, not at_loss, f"{self.trainable_params:,} trainable params, fp32"),
+            ("backward workspace", self.workspace_bytes, not at_loss, "transient gradients of one layer"
+             + (" + one dequantised weight" if self.quant != "none" else "")),
+        ]
+        if self.recompute_bytes:
+            moment.insert(1, ("recomputed block", self.recompute_bytes, not at_loss,
+                              "gradient checkpointing: one block's activations, rebuilt in its backward"))
+        for label, n, alive, note in moment:
+            if alive:
+                rows.append((label, n, note))
+            else:
+                rows.append((label, 0, f"{gb(n):.3f} GB, " + (later if at_loss else
+                             "not at the peak: freed before the last block's backward")))
+        if self.startup_bytes:
+            rows.append(("start-up packing check (extra)", self.startup_bytes,
+                         f"no-grad forward of {PACKING_CHECK_EXAMPLES} examples: its logits exceed the step's"))
+        if self.framework_bytes:
+            rows.append(("libraries loaded during the run", self.framework_bytes,
+                         "transformers model code, peft, tokenizer: in the CPU RSS growth"))
+        if self.mapped_file_bytes:
+            rows.append(("checkpoint pages left mapped (CPU)", self.mapped_file_bytes,
+                         "the linear layers as stored in the file, resident beside their quantized copies"))
+        if self.allocator_bytes:
+            rows.append(("freed memory malloc keeps (CPU)", self.allocator_bytes,
+                         "glibc's heap keeps freed activations and temporaries resident: ≈ the activations "
+                         "once more (measured)"))
+        rows.append(("CUDA context" if self.device == "cuda" else "torch runtime", self.overhead_bytes,
+                     "fixed; not in torch.cuda.max_memory_allocated" if self.device == "cuda"
+                     else "fixed; already in the trainer's RSS baseline"))
         rows.append(("total", self.total_bytes, f"{self.total_gb:.2f} GB"))
         return rows
 
@@ -248,10 +353,17 @@ def int8_bytes(n_in: int, n_out: int) -> int:
 
 
 def estimate(anatomy: Mapping[str, Any], cfg: RunConfig, device: str = "cuda", *,
-             bf16_capable: bool = True) -> Estimate:
-    """Parameters and training memory of `cfg` on `anatomy` (engine.model.inspect_model's dict)."""
+             bf16_capable: bool = True, target_frac: float | None = None) -> Estimate:
+    """Parameters and training memory of `cfg` on `anatomy` (engine.model.inspect_model's dict).
+
+    target_frac: the fraction of token positions that carry a loss target (e.g. the response share of a
+    chat dataset with train_on = responses, from the dataset preview). Default: every position, the
+    worst case; ignored with train_on = all.
+    """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device = {device!r}: must be 'cuda' or 'cpu'")
+    if target_frac is not None and not 0 < target_frac <= 1:
+        raise ValueError(f"target_frac = {target_frac!r}: must be in (0, 1]")
     lo, tr = cfg.lora, cfg.train
     chosen = select_modules(anatomy, lo)
     r = lo.r
@@ -288,22 +400,44 @@ def estimate(anatomy: Mapping[str, Any], cfg: RunConfig, device: str = "cuda", *
 
     # 4) activations, logits, workspace
     shape = _Shape.of(anatomy, tr.batch_size, tr.max_seq_len)
-    terms = _activations(anatomy, chosen, cfg, shape, device, a, autocast)
+    terms, recompute = _activations(anatomy, chosen, cfg, shape, device, a, autocast)
     activation_bytes = sum(v for _, v in terms)
-    logits_bytes = _logits(shape, a)
+    frac = 1.0 if cfg.train_on == "all" or target_frac is None else target_frac
+    n_targets = max(1, math.ceil(frac * shape.B * (shape.T - 1)))
+    logits_bytes = _logits(shape, a, n_targets, tr.packing)
     workspace = _workspace(anatomy, chosen, cfg, shape, a, c)
+    # The step's peak above weights + LoRA (see Estimate.allocated_bytes): kept activations and AdamW
+    # states, plus the larger of the loss's tensors and what the last block's backward holds.
+    step = optimizer_bytes + activation_bytes - recompute + max(logits_bytes, recompute + grad_bytes + workspace)
+    startup = max(0, _packing_check(shape, a, frac) - step) if tr.packing else 0
+    framework = CPU_FRAMEWORK_BYTES if device == "cpu" else 0
+    allocator = 0
+    if device == "cpu":
+        full = activation_bytes if not tr.gradient_checkpointing else sum(
+            v for _, v in _activations(anatomy, chosen, cfg, shape, device, a, autocast, checkpointing=False)[0])
+        kept = CPU_HEAP_KEPT_FRACTION_CHECKPOINTED if tr.gradient_checkpointing else CPU_HEAP_KEPT_FRACTION
+        allocator = int(kept * full)
+    # Only when the unquantized weights alias the file: loaded in its dtype, which peft's fp32 upcast keeps.
+    stored = str(anatomy.get("torch_dtype") or "float32").removeprefix("torch.")
+    aliased = device == "cpu" and quantized and FILE_DTYPE_BYTES.get(stored) == c == FP32
+    mapped = linear_params * FP32 if aliased else 0
     overhead = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
 
+    layout = (f"packed rows of max_seq_len = {shape.T}, output head on {n_targets:,} target positions"
+              if tr.packing else f"batches padded to max_seq_len = {shape.T}")
     assumptions = (
-        f"batches padded to max_seq_len = {shape.T}" + (" with padding in the batch (attention mask kept)"
-                                                          if shape.padded else ""),
+        f"{shape.B} full {layout}" + (" (attention mask kept)" if shape.padded else ""),
         "SDPA memory-efficient/flash attention: O(seq) memory, no seq×seq scores kept",
         "AdamW with fp32 states; gradients fp32",
         f"compute dtype {dtype}" + (" under autocast" if autocast else "")
         + (", activations fp32 (peft upcasts non-quantized weights for k-bit training)" if quantized else ""),
         "gradient checkpointing: one layer's activations + each layer's input" if tr.gradient_checkpointing
         else "no gradient checkpointing: every layer's activations kept",
-        "fixed overhead: CUDA context" if device == "cuda" else "fixed overhead: torch runtime in RAM",
+        "peak at the start of backward (kept activations + the loss's tensors) or in the last block's backward "
+        "(gradients, workspace, recomputed block), whichever is larger",
+        "fixed overhead: CUDA context" if device == "cuda" else
+        "CPU: measured as peak RSS growth; libraries loaded during the run and freed memory malloc keeps counted, "
+        "torch runtime in the baseline",
     )
     return Estimate(
         model=str(anatomy.get("model", "")), device=device, compute_dtype=dtype,
@@ -312,7 +446,10 @@ def estimate(anatomy: Mapping[str, Any], cfg: RunConfig, device: str = "cuda", *
         trainable_pct=100.0 * trainable / total if total else 0.0, adapter_file_bytes=adapter_file,
         base_linear_bytes=linear_bytes, base_other_bytes=other_bytes, lora_bytes=lora_bytes,
         grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes, activation_bytes=activation_bytes,
-        logits_bytes=logits_bytes, workspace_bytes=workspace, overhead_bytes=overhead,
+        recompute_bytes=recompute,
+        logits_bytes=logits_bytes, workspace_bytes=workspace, startup_bytes=startup, framework_bytes=framework,
+        allocator_bytes=allocator, mapped_file_bytes=mapped,
+        overhead_bytes=overhead, n_targets=n_targets,
         activation_terms=tuple(terms), assumptions=assumptions)
 
 
@@ -356,8 +493,10 @@ class _Shape:
 
 
 def _activations(anatomy: Mapping[str, Any], chosen: list[dict[str, Any]], cfg: RunConfig, s: _Shape,
-                 device: str, a: int, autocast: bool) -> list[tuple[str, int]]:
-    """Bytes autograd keeps for backward, split by what keeps them.
+                 device: str, a: int, autocast: bool, *, checkpointing: bool | None = None
+                 ) -> tuple[list[tuple[str, int]], int]:
+    """Bytes autograd keeps for backward, split by what keeps them; and, with gradient checkpointing,
+    the bytes of the one block recomputed during its backward (included in the split).
 
     Only blocks at or above the lowest adapted block run backward; blocks below it keep nothing.
     Without checkpointing every such block keeps its tensors; with (non-reentrant) checkpointing each
@@ -368,7 +507,7 @@ def _activations(anatomy: Mapping[str, Any], chosen: list[dict[str, Any]], cfg: 
     modules = anatomy["modules"]
     layers = sorted({m["layer"] for m in modules if m["layer"] is not None})
     if not chosen:
-        return []
+        return [], 0
     if any(m["layer"] is None for m in chosen):
         lowest = layers[0] if layers else 0
     else:
@@ -409,12 +548,14 @@ def _activations(anatomy: Mapping[str, Any], chosen: list[dict[str, Any]], cfg: 
 
     blocks = [block(i) for i in backward_layers]
     total: dict[str, int] = {}
-    if cfg.train.gradient_checkpointing:
+    recompute = 0
+    if cfg.train.gradient_checkpointing if checkpointing is None else checkpointing:
         # Each checkpointed block keeps its input (B, T, H); the bool mask is shared by all of them.
         total["checkpointed block inputs"] = len(backward_layers) * BT * s.H * a + (
             s.B * s.T * s.T if s.padded else 0)
         if blocks:
             biggest = max(blocks, key=lambda t: sum(t.values()))
+            recompute = sum(biggest.values())
             for k, v in biggest.items():
                 total[k] = total.get(k, 0) + v  # the one block recomputed during its backward
     else:
@@ -426,7 +567,7 @@ def _activations(anatomy: Mapping[str, Any], chosen: list[dict[str, Any]], cfg: 
             total[k] = total.get(k, 0) + v
     # The final norm keeps its fp32 input (and 1/rms) for the gradient into the last block.
     total["final norm"] = BT * (s.H + 1) * FP32
-    return list(total.items())
+    return list(total.items()), recompute
 
 
 def _stage(m: Mapping[str, Any]) -> int:
@@ -489,16 +630,35 @@ def _lora_block(all_mods: list[dict[str, Any]], chosen: list[dict[str, Any]], lo
     return t
 
 
-def _logits(s: _Shape, a: int) -> int:
-    """B·T·vocab at the start of backward.
+def _logits(s: _Shape, a: int, n_targets: int, packed: bool) -> int:
+    """The loss's peak, at the start of backward (engine/train.py token_losses).
 
-    The training loop holds the logits (activation dtype) until the next step; cross_entropy on
-    logits.float() keeps its fp32 log-softmax output for backward (the fp32 upcast itself is freed after
-    the forward); backward then creates the fp32 gradient of the log-probabilities and, inside
-    log_softmax's backward, the fp32 gradient of the logits while the saved output is still alive:
-    1 copy in the activation dtype + 3 fp32 copies at the peak.
+    cross_entropy(logits.float()) keeps its fp32 log-softmax output (N × V) for backward; the logits
+    themselves and their fp32 upcast are freed after the forward (nothing keeps them). Backward then
+    creates the fp32 gradient of the log-probabilities and, inside log_softmax's backward, the fp32
+    gradient of the logits while the saved output is still alive: 3 fp32 (N × V) tensors.
+    Packed: the head runs on the N target positions only, so that is all.
+    Padded: the head runs on all B·T positions and logits[mask] picks the targets; its backward
+    scatters the (N × V) gradient into a zero (B, T, V) tensor in the activation dtype (2 such tensors
+    live at once), which is the peak when N is close to B·T in fp32.
     """
-    return s.B * s.T * s.V * (a + 3 * FP32)
+    if packed:
+        return 3 * FP32 * n_targets * s.V
+    return max(3 * FP32 * n_targets * s.V, (2 * s.B * s.T + n_targets) * s.V * a)
+
+
+def _packing_check(s: _Shape, a: int, frac: float) -> int:
+    """Transient peak of engine/train.py packing_agrees: no gradients, up to 4 examples of T tokens.
+
+    Its padded reference computes (C, T, V) logits and gathers the targets' rows from them ((C·T + N)·V
+    in the activation dtype), then the loss holds the gathered logits, their fp32 upcast and the fp32
+    log-probs (N·V·(a + 4 + 4), the upcast being a no-op in fp32); the last hidden states (C, T, H)
+    are alive too. Only its excess over the training step counts.
+    """
+    C = PACKING_CHECK_EXAMPLES
+    n = max(1, math.ceil(frac * C * (s.T - 1)))
+    upcast = FP32 if a != FP32 else 0
+    return s.V * max((C * s.T + n) * a, n * (a + upcast + FP32)) + 2 * C * s.T * s.H * a
 
 
 def _workspace(anatomy: Mapping[str, Any], chosen: list[dict[str, Any]], cfg: RunConfig, s: _Shape,

@@ -92,7 +92,16 @@ def rss_gb() -> float:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    """This process's own high-water RSS. Not getrusage's ru_maxrss: Linux carries that over fork and
+    execve, so a job launched by a 1 GB server would report at least 1 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # non-Linux fallback (KiB on Linux)
 
 
 def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),

@@ -407,6 +407,31 @@ def test_dtype_and_device(tiny_llama_dir, anatomies):
         estimate(anatomy, cfg, "tpu")
 
 
+def test_cpu_counts_libraries_and_the_heap_malloc_keeps(tiny_llama_dir, anatomies):
+    """The trainer measures CPU peaks as RSS growth: framework + glibc's kept heap (the uncheckpointed
+    activations once more, measured by bench/memory_accuracy.py); CUDA's max_memory_allocated sees tensors only."""
+    from engine.estimate import CPU_FRAMEWORK_BYTES, CPU_HEAP_KEPT_FRACTION_CHECKPOINTED
+
+    anatomy = anatomies(tiny_llama_dir)
+    cfg = make_cfg(tiny_llama_dir, {"dropout": 0.0}, {"batch_size": 4, "max_seq_len": 256})  # (CPU masks are fp32)
+    cpu, gpu = estimate(anatomy, cfg, "cpu"), estimate(anatomy, cfg.replace(dtype="fp32"), "cuda")
+    assert (gpu.framework_bytes, gpu.allocator_bytes) == (0, 0) and gpu.tensor_bytes == gpu.allocated_bytes
+    assert cpu.framework_bytes == CPU_FRAMEWORK_BYTES and cpu.allocator_bytes == cpu.activation_bytes
+    assert cpu.allocated_bytes == cpu.tensor_bytes + cpu.framework_bytes + cpu.allocator_bytes
+    assert cpu.tensor_bytes == gpu.tensor_bytes  # the same fp32 tensors on both devices
+    ckpt = estimate(anatomy, cfg.replace(train={"gradient_checkpointing": True}), "cpu")
+    assert ckpt.activation_bytes < cpu.activation_bytes
+    assert ckpt.allocator_bytes == int(CPU_HEAP_KEPT_FRACTION_CHECKPOINTED * cpu.activation_bytes)
+    labels = [label for label, _, _ in cpu.table_rows()]
+    assert "freed memory malloc keeps (CPU)" in labels and "libraries loaded during the run" in labels
+    # Quantized on CPU from an fp32 checkpoint: the file stays mapped, its linear layers resident.
+    assert anatomy["torch_dtype"] == "float32" and cpu.mapped_file_bytes == 0
+    q = estimate(anatomy, cfg.replace(quant="4bit"), "cpu")
+    assert q.mapped_file_bytes == 4 * sum(m["in"] * m["out"] for m in anatomy["modules"])
+    assert estimate(anatomy, cfg.replace(quant="4bit"), "cuda").mapped_file_bytes == 0
+    assert estimate({**anatomy, "torch_dtype": "bfloat16"}, cfg.replace(quant="4bit"), "cpu").mapped_file_bytes == 0
+
+
 def test_weight_bytes_of_a_bf16_peft_model(tiny_llama_dir, anatomies):
     """Base weights in the compute dtype, LoRA weights in fp32 (peft's autocast_adapter_dtype)."""
     cfg = make_cfg(tiny_llama_dir, {"use_dora": True}, dtype="bf16")
@@ -417,34 +442,215 @@ def test_weight_bytes_of_a_bf16_peft_model(tiny_llama_dir, anatomies):
     assert est.weights_bytes == sum(p.numel() * p.element_size() for n, p in named if ".lora_" not in n)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, tiny_llama_dir, anatomies):
-    """The loop holds the logits; log_softmax's backward holds its saved output, its incoming and its
-    outgoing gradient (fp32): measured at that moment, as engine/train.py computes the loss."""
+def live_tensor_tracker():
+    """A TorchDispatchMode adding up the bytes of every distinct live tensor storage that an op creates:
+    `current` and `peak` are the CPU counterpart of torch.cuda.memory_allocated / max_memory_allocated.
+    Tensors made before it was entered (the model's weights) are added with track()."""
+    import weakref
+
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
 
-    B, T = 2, 64
-    cfg = make_cfg(tiny_llama_dir, train={"batch_size": B, "max_seq_len": T}, dtype=dtype)
-    model = build_peft(tiny_llama_dir, cfg)
-    ids = torch.randint(12, 100, (B, T))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        logits = model(input_ids=ids).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-    node = loss.grad_fn
-    while type(node).__name__ != "LogSoftmaxBackward0":
-        node = node.next_functions[0][0]
-    alive = {}
+    class LiveTensorBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.current, self.peak = {}, 0, 0
 
-    def at_log_softmax_backward(grad_inputs, grad_outputs):
-        tensors = [logits, node._saved_result, grad_outputs[0], grad_inputs[0]]
-        alive["bytes"] = sum(t.numel() * t.element_size() for t in tensors)
-        alive["ptrs"] = len({t.untyped_storage().data_ptr() for t in tensors})
+        def _free(self, key):
+            n = self.live.pop(key, (0, None))[0]
+            self.current -= n
 
-    node.register_hook(at_log_softmax_backward)
-    loss.backward()
-    assert alive["ptrs"] == 4  # four distinct tensors
-    est = estimate(anatomies(tiny_llama_dir), cfg, device="cpu")
-    assert est.logits_bytes == pytest.approx(alive["bytes"], rel=0.05)  # T vs T−1 positions
+        def track(self, t):
+            if not isinstance(t, torch.Tensor):
+                return
+            st = t.untyped_storage()
+            key, n = st.data_ptr(), st.nbytes()
+            if n and key not in self.live:
+                self.live[key] = (n, weakref.ref(st, lambda _r, k=key: self._free(k)))
+                self.current += n
+                self.peak = max(self.peak, self.current)
+
+        def sizes(self):
+            return sorted((n for n, _ in self.live.values()), reverse=True)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                self.track(t)
+            return out
+
+    return LiveTensorBytes()
+
+
+def make_examples(lengths: list[int], seed: int = 0):
+    """Examples of these token lengths, every token a target (train_on all)."""
+    import random
+
+    from engine.data import Example
+
+    rng = random.Random(seed)
+    out = []
+    for n in lengths:
+        ids = tuple(rng.randrange(12, 100) for _ in range(n))
+        out.append(Example(ids, ids))
+    return out
+
+
+def peft_on_cpu(path: Path, cfg: RunConfig):
+    import torch
+    from engine.model import attach_lora, load_base_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = attach_lora(load_base_model(str(path), cfg, torch.device("cpu")), cfg)
+    model.train()
+    return model
+
+
+@pytest.fixture(scope="session")
+def vocab_llama_dir(tmp_path_factory):
+    """A vocabulary big enough that the loss's N × vocab tensors stand out."""
+    return build_tiny_llama(tmp_path_factory.mktemp("vocab-llama"), hidden_size=64, intermediate_size=160,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=3000)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, packed, vocab_llama_dir, anatomies):
+    """engine/train.py token_losses: at log_softmax's backward three fp32 (N × vocab) tensors are alive
+    (saved log-probs, incoming and outgoing gradient) and the logits themselves are already freed."""
+    import torch
+    from engine import data as D
+    from engine.train import token_losses
+
+    B, T = 2, 48
+    cfg = make_cfg(vocab_llama_dir, {"dropout": 0.0}, {"batch_size": B, "max_seq_len": T, "packing": packed},
+                   dtype=dtype, train_on="all")
+    model = peft_on_cpu(vocab_llama_dir, cfg)
+    examples = make_examples([T, T])  # full rows: N = B·(T − 1), the estimate's worst case
+    batch = D.collate_packed(examples, 0, T) if packed else D.collate(examples, 0)
+    tracker = live_tensor_tracker()
+    V = anatomies(vocab_llama_dir)["vocab_size"]
+    N = B * (T - 1)
+    seen = {}
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = token_losses(model, batch, fast=packed).sum() / N
+        node = loss.grad_fn
+        while type(node).__name__ != "LogSoftmaxBackward0":
+            node = node.next_functions[0][0]
+        node.register_hook(lambda gi, go: seen.update(sizes=tracker.sizes()))
+        loss.backward()
+    est = estimate(anatomies(vocab_llama_dir), cfg, device="cpu")
+    assert est.n_targets == N
+    logits_sizes = {N * V * 4, N * V * 2, B * T * V * 4, B * T * V * 2}
+    assert [n for n in seen["sizes"] if n in logits_sizes] == [N * V * 4] * 3  # 3 fp32 (N, V), no logits left
+    assert est.logits_bytes >= 3 * N * V * 4
+    if packed:
+        assert est.logits_bytes == 3 * N * V * 4
+    else:  # padded: the (B, T, V) scatter of the gradient in the activation dtype may be larger
+        a = 4 if dtype == "fp32" else 2
+        assert est.logits_bytes == max(3 * N * V * 4, (2 * B * T + N) * V * a)
+
+
+PACKED_CASES = [
+    ({"dtype": "fp32"}, [32, 30]),              # a pad tail in row 2: block-diagonal mask, repeated k/v
+    ({"dtype": "bf16"}, [32, 31, 30, 32]),
+    ({"dtype": "fp32"}, [32, 12, 18]),          # two examples share a row (R = 2 rows for B = 3)
+    ({"dtype": "fp32", "train": {"batch_size": 1}}, [32]),
+]
+
+
+@pytest.mark.parametrize("top,lengths", PACKED_CASES, ids=[str(i) for i in range(len(PACKED_CASES))])
+def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, anatomies):
+    """Packed micro-batches through token_losses' fast path: transformers builds the (R, 1, L, L) mask from
+    the restarting position ids; activations match the estimate of full rows, or stay below it."""
+    import torch
+    from engine import data as D
+    from engine.train import token_losses
+
+    top = dict(top)
+    T = 32
+    train = {"batch_size": len(lengths), "max_seq_len": T, **top.pop("train", {})}
+    cfg = make_cfg(act_llama_dir, {"r": 3, "dropout": 0.0}, train, train_on="all", **top)
+    model = peft_on_cpu(act_llama_dir, cfg)
+    batch = D.collate_packed(make_examples(lengths), 0, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        losses = token_losses(model, batch, fast=True)
+    loss = losses.sum() / len(losses)
+    V = anatomies(act_llama_dir)["vocab_size"]
+    measured = saved_for_backward(loss, model) - len(losses) * V * 4  # minus the log-probs: the logits term's
+    est = estimate(anatomies(act_llama_dir), cfg, device="cpu")
+    R, L = batch["input_ids"].shape
+    if R == len(lengths) and L == T:  # full rows: the estimate's case
+        assert est.activation_bytes == pytest.approx(measured, rel=0.03)
+    else:                             # fewer or shorter rows: an upper bound
+        assert measured < est.activation_bytes
+
+
+@pytest.mark.parametrize("train", [{}, {"gradient_checkpointing": True}, {"batch_size": 1}],
+                         ids=["plain", "checkpointing", "b1"])
+@pytest.mark.parametrize("lora", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_peak_of_a_training_step_matches_live_tensor_bytes(train, lora, vocab_llama_dir, anatomies):
+    """One micro-batch as engine/train.py runs it (packed rows, token_losses, backward), counting every
+    live tensor: the peak equals weights + LoRA + kept activations + the larger moment (the loss's
+    tensors, or the last block's gradients, workspace and recomputed block). No optimizer step yet."""
+    import torch
+    from engine import data as D
+    from engine.train import token_losses
+
+    T = 64
+    train = {"batch_size": 3, "max_seq_len": T, **train}
+    cfg = make_cfg(vocab_llama_dir, {"r": 8, "dropout": 0.05, **lora}, train, dtype="fp32", train_on="all")
+    model = peft_on_cpu(vocab_llama_dir, cfg)  # attach_lora turns checkpointing on as the trainer does
+    B = cfg.train.batch_size
+    batch = D.collate_packed(make_examples([T, T - 2, T - 1][:B]), 0, T)
+    tracker = live_tensor_tracker()
+    for t in [*model.parameters(), *model.buffers()]:
+        tracker.track(t)
+    with tracker:
+        (token_losses(model, batch, fast=True).sum() / (B * T)).backward()
+    est = estimate(anatomies(vocab_llama_dir), cfg, device="cpu")
+    expected = est.tensor_bytes - est.optimizer_bytes - est.startup_bytes
+    assert tracker.peak == pytest.approx(expected, rel=0.02)
+
+
+def test_start_up_packing_check_is_counted_when_it_exceeds_the_step(vocab_llama_dir, anatomies):
+    """engine/train.py packing_agrees runs 4 examples without gradients before training: with batch_size 1
+    its logits outweigh the step's, and the estimate's allocated bytes follow it."""
+    import torch
+    from engine.train import packing_agrees
+
+    T = 64
+    cfg = make_cfg(vocab_llama_dir, {"r": 8, "dropout": 0.0}, {"batch_size": 1, "max_seq_len": T},
+                   dtype="fp32", train_on="all")
+    model = peft_on_cpu(vocab_llama_dir, cfg)
+    tracker = live_tensor_tracker()
+    for t in [*model.parameters(), *model.buffers()]:
+        tracker.track(t)
+    with tracker:
+        assert packing_agrees(model, make_examples([T, T, T - 1, T]), 0, T, torch.device("cpu"),
+                              torch.autocast("cpu", enabled=False))
+    est = estimate(anatomies(vocab_llama_dir), cfg, device="cpu")
+    assert est.startup_bytes > 0
+    expected = est.tensor_bytes - est.optimizer_bytes  # no AdamW states yet
+    assert tracker.peak == pytest.approx(expected, rel=0.02)
+    assert estimate(anatomies(vocab_llama_dir), cfg.replace(train={"batch_size": 8}), device="cpu").startup_bytes == 0
+    assert estimate(anatomies(vocab_llama_dir), cfg.replace(train={"packing": False}), device="cpu").startup_bytes == 0
+
+
+def test_target_fraction_hint(tiny_llama_dir, anatomies):
+    anatomy = anatomies(tiny_llama_dir)
+    cfg = make_cfg(tiny_llama_dir, train={"batch_size": 4, "max_seq_len": 101})
+    worst = estimate(anatomy, cfg)
+    assert worst.n_targets == 4 * 100                                      # responses: the worst case by default
+    quarter = estimate(anatomy, cfg, target_frac=0.25)
+    assert quarter.n_targets == 100 and quarter.logits_bytes * 4 == worst.logits_bytes
+    everything = cfg.replace(train_on="all")
+    assert estimate(anatomy, everything, target_frac=0.25).n_targets == 400  # train_on all: every token
+    with pytest.raises(ValueError, match="target_frac"):
+        estimate(anatomy, cfg, target_frac=1.5)
 
 
 # ---- 6. a 7B-shaped anatomy: speed, verdicts, suggestions, output formats ---------------------------

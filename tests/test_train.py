@@ -1,5 +1,7 @@
 """The trainer on tiny models: loss falls, base weights stay, adapters reload exactly, resume is exact."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,3 +128,21 @@ def test_nan_loss_stops_with_a_clear_failure(chat_jsonl, tmp_path):
     m.save_pretrained(d)
     with pytest.raises(TrainingDiverged, match=r"loss became nan .* at step 1; lower train.lr"):
         train(_cfg(d, chat_jsonl, max_steps=5), tmp_path / "o", home=tmp_path / "home")
+
+
+def test_peak_rss_is_this_process_not_its_parent(tmp_path):
+    """ru_maxrss survives fork+exec on Linux; a child of a big parent must still report its own peak."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, subprocess, sys\n"
+        "hog = bytearray(600 * 2**20)\n"                       # the parent holds 600 MB
+        "for i in range(0, len(hog), 4096): hog[i] = 1\n"
+        "out = subprocess.run([sys.executable, '-c', 'from engine.train import peak_rss_gb; print(peak_rss_gb())'],"
+        " capture_output=True, text=True, cwd=sys.argv[1]).stdout\n"
+        "print(out)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
+                       capture_output=True, text=True, timeout=120)
+    child_peak = float(r.stdout.strip().splitlines()[-1])
+    assert child_peak < 0.5, child_peak  # the child imported torch (~0.3 GB), not the parent's 600 MB
