@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -8,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from tests.tiny import build_tiny_gpt2, build_tiny_llama, write_chat_jsonl  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's; playwright cannot download its own here
 
 
 def pytest_configure(config):
@@ -51,3 +55,19 @@ def home(tmp_path, monkeypatch):
     h.mkdir()
     monkeypatch.setenv("LORALAB_HOME", str(h))
     return h
+
+
+@pytest.fixture
+def page():
+    """A headless page in Debian's chromium, driven by Playwright."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM} (CI installs Debian's chromium with apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()

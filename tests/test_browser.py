@@ -19,7 +19,7 @@ from tests.test_ui_api import CPU_DOCTOR, free_port
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from tests.conftest import CHROMIUM  # noqa: F401  (the `page` fixture lives in conftest)
 
 
 @pytest.fixture
@@ -42,21 +42,6 @@ def app_url(tmp_path):
         close_tabs(demo)
         runner.stop(cancel_running=True, timeout=10)
         store.close()
-
-
-@pytest.fixture
-def page(request):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (CI installs Debian's chromium with apt-get)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        page.set_default_timeout(30_000)
-        yield page
-        browser.close()
 
 
 def out_dir(request) -> Path:

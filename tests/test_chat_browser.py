@@ -17,7 +17,7 @@ from tests.test_ui_api import CPU_DOCTOR, free_port
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from tests.conftest import CHROMIUM  # noqa: F401  (the `page` fixture lives in conftest)
 PROMPT = "what is the capital of france ?"
 
 
@@ -55,21 +55,6 @@ def chat_app(tmp_path, tiny_llama_dir, chat_jsonl):
         if built.get("tab") is not None:
             built["tab"].worker.close()
         store.close()
-
-
-@pytest.fixture
-def page():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (CI installs Debian's chromium with apt-get)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        page.set_default_timeout(30_000)
-        yield page
-        browser.close()
 
 
 def test_two_panes_base_and_adapter_fill_in_the_browser(chat_app, page, tiny_llama_dir):
