@@ -71,3 +71,19 @@ def page():
         page.set_default_timeout(30_000)
         yield page
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def anatomy_of(tmp_path_factory):
+    """engine.model.inspect_model's dict per model folder, computed once per session."""
+    from engine.model import inspect_model
+
+    home = tmp_path_factory.mktemp("inspect-home")
+    cache: dict[str, dict] = {}
+
+    def get(path: Path) -> dict:
+        if str(path) not in cache:
+            cache[str(path)] = inspect_model(str(path), home)
+        return cache[str(path)]
+
+    return get

@@ -44,22 +44,6 @@ def act_llama_dir(tmp_path_factory):
                             num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.fixture(scope="session")
-def anatomies(tmp_path_factory):
-    """inspect_model's dict per model folder, computed once."""
-    home = tmp_path_factory.mktemp("home")
-    cache: dict[str, dict] = {}
-
-    def get(path: Path) -> dict:
-        from engine.model import inspect_model
-
-        if str(path) not in cache:
-            cache[str(path)] = inspect_model(str(path), home)
-        return cache[str(path)]
-
-    return get
-
-
 @pytest.fixture
 def model_dirs(tiny_llama_dir, tiny_gpt2_dir, tiny_llama_bias_dir):
     return {"llama": tiny_llama_dir, "gpt2": tiny_gpt2_dir, "llama-bias": tiny_llama_bias_dir}
@@ -96,7 +80,7 @@ SPECS = [
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_select_modules_picks_what_resolve_targets_picks(name, model_dirs, anatomies):
+def test_select_modules_picks_what_resolve_targets_picks(name, model_dirs, anatomy_of):
     from engine.model import describe, resolve_targets
     from transformers import AutoConfig, AutoModelForCausalLM
     import torch
@@ -105,7 +89,7 @@ def test_select_modules_picks_what_resolve_targets_picks(name, model_dirs, anato
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     modules = describe(model)
-    anatomy = anatomies(path)
+    anatomy = anatomy_of(path)
     n_compared = 0
     for spec in SPECS:
         lora = LoraSpec(targets=tuple(spec["targets"]), layers=tuple(spec.get("layers", ())))
@@ -166,10 +150,10 @@ COUNT_CASES = [
 
 
 @pytest.mark.parametrize("name,lora", COUNT_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(COUNT_CASES)])
-def test_parameter_counts_are_exact(name, lora, model_dirs, anatomies):
+def test_parameter_counts_are_exact(name, lora, model_dirs, anatomy_of):
     path = model_dirs[name]
     cfg = make_cfg(path, lora)
-    est = estimate(anatomies(path), cfg, device="cpu")
+    est = estimate(anatomy_of(path), cfg, device="cpu")
     peft_model = build_peft(path, cfg)
     params = list(peft_model.parameters())
     assert est.trainable_params == sum(p.numel() for p in params if p.requires_grad)
@@ -183,24 +167,24 @@ def test_parameter_counts_are_exact(name, lora, model_dirs, anatomies):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "llama-bias"])
-def test_total_params_of_anatomy_equals_loaded_model(name, model_dirs, anatomies):
+def test_total_params_of_anatomy_equals_loaded_model(name, model_dirs, anatomy_of):
     from engine.model import load_base_model, pick_device
 
     path = model_dirs[name]
     model = load_base_model(str(path), make_cfg(path), pick_device())
-    assert anatomies(path)["total_params"] == sum(p.numel() for p in model.parameters())
-    assert estimate(anatomies(path), make_cfg(path)).base_params == anatomies(path)["total_params"]
+    assert anatomy_of(path)["total_params"] == sum(p.numel() for p in model.parameters())
+    assert estimate(anatomy_of(path), make_cfg(path)).base_params == anatomy_of(path)["total_params"]
 
 
 @pytest.mark.parametrize("name,lora", [("llama", {"r": 8}), ("gpt2", {"targets": ["qv"], "r": 2}),
                                        ("llama", {"r": 4, "use_dora": True})])
-def test_adapter_file_size(name, lora, model_dirs, anatomies, tmp_path):
+def test_adapter_file_size(name, lora, model_dirs, anatomy_of, tmp_path):
     path = model_dirs[name]
     cfg = make_cfg(path, lora)
     build_peft(path, cfg).save_pretrained(tmp_path)
     f = tmp_path / "adapter_model.safetensors"
     size = f.stat().st_size
-    est = estimate(anatomies(path), cfg, device="cpu")
+    est = estimate(anatomy_of(path), cfg, device="cpu")
     header = struct.unpack("<Q", f.read_bytes()[:8])[0]
     assert size - header - 8 == est.lora_params * 4  # the data part is exact: fp32 LoRA weights
     assert est.adapter_file_bytes == pytest.approx(size, rel=0.03)  # the header is approximated
@@ -236,7 +220,7 @@ def stored_bytes(model) -> int:
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
 @pytest.mark.parametrize("which", ["wide-llama", "gpt2"])
-def test_quantized_weights_match_bitsandbytes_storage(quant, which, wide_llama_dir, tiny_gpt2_dir, anatomies):
+def test_quantized_weights_match_bitsandbytes_storage(quant, which, wide_llama_dir, tiny_gpt2_dir, anatomy_of):
     pytest.importorskip("bitsandbytes")
     import torch
     from engine.model import load_base_model
@@ -247,26 +231,26 @@ def test_quantized_weights_match_bitsandbytes_storage(quant, which, wide_llama_d
         warnings.simplefilter("ignore")
         model = load_base_model(str(path), cfg, torch.device("cpu"))
     real = stored_bytes(model)
-    est = estimate(anatomies(path), cfg, device="cpu")
+    est = estimate(anatomy_of(path), cfg, device="cpu")
     assert est.weights_bytes == pytest.approx(real, rel=0.05)
     # and the quantized part alone, from the layers themselves
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
-    assert len(layers) == len(anatomies(path)["modules"])  # GPT-2's Conv1D layers are quantized too
+    assert len(layers) == len(anatomy_of(path)["modules"])  # GPT-2's Conv1D layers are quantized too
     real_linear = stored_bytes(torch.nn.ModuleList(layers)) - sum(
         m.bias.numel() * m.bias.element_size() for m in layers if m.bias is not None)
     assert est.base_linear_bytes == pytest.approx(real_linear, rel=0.01)
 
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
-def test_kbit_training_keeps_unquantized_weights_in_fp32(quant, wide_llama_dir, anatomies):
+def test_kbit_training_keeps_unquantized_weights_in_fp32(quant, wide_llama_dir, anatomy_of):
     """attach_lora → prepare_model_for_kbit_training upcasts embeddings, norms and lm_head from bf16."""
     pytest.importorskip("bitsandbytes")
     cfg = make_cfg(wide_llama_dir, quant=quant, dtype="bf16")
     peft_model = build_peft(wide_llama_dir, cfg)
     lora = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if ".lora_" in n)
-    est = estimate(anatomies(wide_llama_dir), cfg, device="cpu")
+    est = estimate(anatomy_of(wide_llama_dir), cfg, device="cpu")
     assert est.lora_bytes == lora
     assert est.weights_bytes == pytest.approx(stored_bytes(peft_model) - lora, rel=0.05)
 
@@ -322,7 +306,7 @@ ACT_CASES = [
 
 
 @pytest.mark.parametrize("top,lora", ACT_CASES, ids=[str(i) for i in range(len(ACT_CASES))])
-def test_activation_bytes_match_autograd_saved_tensors(top, lora, act_llama_dir, anatomies):
+def test_activation_bytes_match_autograd_saved_tensors(top, lora, act_llama_dir, anatomy_of):
     """On CPU, SDPA's flash kernel keeps the same O(T) tensors as the GPU's memory-efficient one."""
     import torch
     from engine.model import attach_lora, load_base_model
@@ -352,7 +336,7 @@ def test_activation_bytes_match_autograd_saved_tensors(top, lora, act_llama_dir,
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
     V = logits.shape[-1]
     measured = saved_for_backward(loss, model) - B * (T - 1) * V * 4  # log-softmax output: the logits term's
-    est = estimate(anatomies(act_llama_dir), cfg, device="cpu")
+    est = estimate(anatomy_of(act_llama_dir), cfg, device="cpu")
     # What is left out: RoPE's cos/sin tables, scalars and the int64 targets (about 1 % here, far less
     # at real sizes).
     assert est.activation_bytes == pytest.approx(measured, rel=0.03)
@@ -361,8 +345,8 @@ def test_activation_bytes_match_autograd_saved_tensors(top, lora, act_llama_dir,
 # ---- 5. directions --------------------------------------------------------------------------------
 
 
-def test_memory_grows_with_rank_batch_and_sequence(tiny_llama_dir, anatomies):
-    anatomy = anatomies(tiny_llama_dir)
+def test_memory_grows_with_rank_batch_and_sequence(tiny_llama_dir, anatomy_of):
+    anatomy = anatomy_of(tiny_llama_dir)
 
     def total(lora=None, train=None) -> int:
         return estimate(anatomy, make_cfg(tiny_llama_dir, lora, train)).total_bytes
@@ -374,8 +358,8 @@ def test_memory_grows_with_rank_batch_and_sequence(tiny_llama_dir, anatomies):
     assert e16.lora_bytes == 2 * e8.lora_bytes and e16.optimizer_bytes == 2 * e8.optimizer_bytes
 
 
-def test_quantization_shrinks_the_weights(wide_llama_dir, anatomies):
-    anatomy = anatomies(wide_llama_dir)
+def test_quantization_shrinks_the_weights(wide_llama_dir, anatomy_of):
+    anatomy = anatomy_of(wide_llama_dir)
     w = {q: estimate(anatomy, make_cfg(wide_llama_dir, quant=q, dtype="bf16")).base_linear_bytes
          for q in ("none", "8bit", "4bit")}
     assert w["4bit"] < w["8bit"] < w["none"]
@@ -383,8 +367,8 @@ def test_quantization_shrinks_the_weights(wide_llama_dir, anatomies):
     assert w["4bit"] / w["none"] == pytest.approx(0.266, rel=0.05)   # (4 + 0.127 + tables) / 16 bits
 
 
-def test_checkpointing_and_lora_fa_lower_memory(tiny_llama_dir, anatomies):
-    anatomy = anatomies(tiny_llama_dir)
+def test_checkpointing_and_lora_fa_lower_memory(tiny_llama_dir, anatomy_of):
+    anatomy = anatomy_of(tiny_llama_dir)
     train = {"batch_size": 4, "max_seq_len": 512}
     plain = estimate(anatomy, make_cfg(tiny_llama_dir, train=train))
     ckpt = estimate(anatomy, make_cfg(tiny_llama_dir, train={**train, "gradient_checkpointing": True}))
@@ -395,8 +379,8 @@ def test_checkpointing_and_lora_fa_lower_memory(tiny_llama_dir, anatomies):
     assert fa.activation_bytes < plain.activation_bytes and fa.lora_bytes == plain.lora_bytes
 
 
-def test_dtype_and_device(tiny_llama_dir, anatomies):
-    anatomy = anatomies(tiny_llama_dir)
+def test_dtype_and_device(tiny_llama_dir, anatomy_of):
+    anatomy = anatomy_of(tiny_llama_dir)
     cfg = make_cfg(tiny_llama_dir)  # dtype auto
     gpu, cpu = estimate(anatomy, cfg, "cuda"), estimate(anatomy, cfg, "cpu")
     assert (gpu.compute_dtype, cpu.compute_dtype) == ("bf16", "fp32")
@@ -407,12 +391,12 @@ def test_dtype_and_device(tiny_llama_dir, anatomies):
         estimate(anatomy, cfg, "tpu")
 
 
-def test_cpu_counts_libraries_and_the_heap_malloc_keeps(tiny_llama_dir, anatomies):
+def test_cpu_counts_libraries_and_the_heap_malloc_keeps(tiny_llama_dir, anatomy_of):
     """The trainer measures CPU peaks as RSS growth: framework + glibc's kept heap (the uncheckpointed
     activations once more, measured by bench/memory_accuracy.py); CUDA's max_memory_allocated sees tensors only."""
     from engine.estimate import CPU_FRAMEWORK_BYTES, CPU_HEAP_KEPT_FRACTION_CHECKPOINTED
 
-    anatomy = anatomies(tiny_llama_dir)
+    anatomy = anatomy_of(tiny_llama_dir)
     cfg = make_cfg(tiny_llama_dir, {"dropout": 0.0}, {"batch_size": 4, "max_seq_len": 256})  # (CPU masks are fp32)
     cpu, gpu = estimate(anatomy, cfg, "cpu"), estimate(anatomy, cfg.replace(dtype="fp32"), "cuda")
     assert (gpu.framework_bytes, gpu.allocator_bytes) == (0, 0) and gpu.tensor_bytes == gpu.allocated_bytes
@@ -432,11 +416,11 @@ def test_cpu_counts_libraries_and_the_heap_malloc_keeps(tiny_llama_dir, anatomie
     assert estimate({**anatomy, "torch_dtype": "bfloat16"}, cfg.replace(quant="4bit"), "cpu").mapped_file_bytes == 0
 
 
-def test_weight_bytes_of_a_bf16_peft_model(tiny_llama_dir, anatomies):
+def test_weight_bytes_of_a_bf16_peft_model(tiny_llama_dir, anatomy_of):
     """Base weights in the compute dtype, LoRA weights in fp32 (peft's autocast_adapter_dtype)."""
     cfg = make_cfg(tiny_llama_dir, {"use_dora": True}, dtype="bf16")
     peft_model = build_peft(tiny_llama_dir, cfg)
-    est = estimate(anatomies(tiny_llama_dir), cfg, device="cpu")
+    est = estimate(anatomy_of(tiny_llama_dir), cfg, device="cpu")
     named = list(peft_model.named_parameters())
     assert est.lora_bytes == sum(p.numel() * p.element_size() for n, p in named if ".lora_" in n)
     assert est.weights_bytes == sum(p.numel() * p.element_size() for n, p in named if ".lora_" not in n)
@@ -517,7 +501,7 @@ def vocab_llama_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, packed, vocab_llama_dir, anatomies):
+def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, packed, vocab_llama_dir, anatomy_of):
     """engine/train.py token_losses: at log_softmax's backward three fp32 (N × vocab) tensors are alive
     (saved log-probs, incoming and outgoing gradient) and the logits themselves are already freed."""
     import torch
@@ -531,7 +515,7 @@ def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, pac
     examples = make_examples([T, T])  # full rows: N = B·(T − 1), the estimate's worst case
     batch = D.collate_packed(examples, 0, T) if packed else D.collate(examples, 0)
     tracker = live_tensor_tracker()
-    V = anatomies(vocab_llama_dir)["vocab_size"]
+    V = anatomy_of(vocab_llama_dir)["vocab_size"]
     N = B * (T - 1)
     seen = {}
     with tracker:
@@ -542,7 +526,7 @@ def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, pac
             node = node.next_functions[0][0]
         node.register_hook(lambda gi, go: seen.update(sizes=tracker.sizes()))
         loss.backward()
-    est = estimate(anatomies(vocab_llama_dir), cfg, device="cpu")
+    est = estimate(anatomy_of(vocab_llama_dir), cfg, device="cpu")
     assert est.n_targets == N
     logits_sizes = {N * V * 4, N * V * 2, B * T * V * 4, B * T * V * 2}
     assert [n for n in seen["sizes"] if n in logits_sizes] == [N * V * 4] * 3  # 3 fp32 (N, V), no logits left
@@ -563,7 +547,7 @@ PACKED_CASES = [
 
 
 @pytest.mark.parametrize("top,lengths", PACKED_CASES, ids=[str(i) for i in range(len(PACKED_CASES))])
-def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, anatomies):
+def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, anatomy_of):
     """Packed micro-batches through token_losses' fast path: transformers builds the (R, 1, L, L) mask from
     the restarting position ids; activations match the estimate of full rows, or stay below it."""
     import torch
@@ -579,9 +563,9 @@ def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, an
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
         losses = token_losses(model, batch, fast=True)
     loss = losses.sum() / len(losses)
-    V = anatomies(act_llama_dir)["vocab_size"]
+    V = anatomy_of(act_llama_dir)["vocab_size"]
     measured = saved_for_backward(loss, model) - len(losses) * V * 4  # minus the log-probs: the logits term's
-    est = estimate(anatomies(act_llama_dir), cfg, device="cpu")
+    est = estimate(anatomy_of(act_llama_dir), cfg, device="cpu")
     R, L = batch["input_ids"].shape
     if R == len(lengths) and L == T:  # full rows: the estimate's case
         assert est.activation_bytes == pytest.approx(measured, rel=0.03)
@@ -592,7 +576,7 @@ def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, an
 @pytest.mark.parametrize("train", [{}, {"gradient_checkpointing": True}, {"batch_size": 1}],
                          ids=["plain", "checkpointing", "b1"])
 @pytest.mark.parametrize("lora", [{}, {"use_dora": True}], ids=["lora", "dora"])
-def test_peak_of_a_training_step_matches_live_tensor_bytes(train, lora, vocab_llama_dir, anatomies):
+def test_peak_of_a_training_step_matches_live_tensor_bytes(train, lora, vocab_llama_dir, anatomy_of):
     """One micro-batch as engine/train.py runs it (packed rows, token_losses, backward), counting every
     live tensor: the peak equals weights + LoRA + kept activations + the larger moment (the loss's
     tensors, or the last block's gradients, workspace and recomputed block). No optimizer step yet."""
@@ -611,12 +595,12 @@ def test_peak_of_a_training_step_matches_live_tensor_bytes(train, lora, vocab_ll
         tracker.track(t)
     with tracker:
         (token_losses(model, batch, fast=True).sum() / (B * T)).backward()
-    est = estimate(anatomies(vocab_llama_dir), cfg, device="cpu")
+    est = estimate(anatomy_of(vocab_llama_dir), cfg, device="cpu")
     expected = est.tensor_bytes - est.optimizer_bytes - est.startup_bytes
     assert tracker.peak == pytest.approx(expected, rel=0.02)
 
 
-def test_start_up_packing_check_is_counted_when_it_exceeds_the_step(vocab_llama_dir, anatomies):
+def test_start_up_packing_check_is_counted_when_it_exceeds_the_step(vocab_llama_dir, anatomy_of):
     """engine/train.py packing_agrees runs 4 examples without gradients before training: with batch_size 1
     its logits outweigh the step's, and the estimate's allocated bytes follow it."""
     import torch
@@ -632,16 +616,16 @@ def test_start_up_packing_check_is_counted_when_it_exceeds_the_step(vocab_llama_
     with tracker:
         assert packing_agrees(model, make_examples([T, T, T - 1, T]), 0, T, torch.device("cpu"),
                               torch.autocast("cpu", enabled=False))
-    est = estimate(anatomies(vocab_llama_dir), cfg, device="cpu")
+    est = estimate(anatomy_of(vocab_llama_dir), cfg, device="cpu")
     assert est.startup_bytes > 0
     expected = est.tensor_bytes - est.optimizer_bytes  # no AdamW states yet
     assert tracker.peak == pytest.approx(expected, rel=0.02)
-    assert estimate(anatomies(vocab_llama_dir), cfg.replace(train={"batch_size": 8}), device="cpu").startup_bytes == 0
-    assert estimate(anatomies(vocab_llama_dir), cfg.replace(train={"packing": False}), device="cpu").startup_bytes == 0
+    assert estimate(anatomy_of(vocab_llama_dir), cfg.replace(train={"batch_size": 8}), device="cpu").startup_bytes == 0
+    assert estimate(anatomy_of(vocab_llama_dir), cfg.replace(train={"packing": False}), device="cpu").startup_bytes == 0
 
 
-def test_target_fraction_hint(tiny_llama_dir, anatomies):
-    anatomy = anatomies(tiny_llama_dir)
+def test_target_fraction_hint(tiny_llama_dir, anatomy_of):
+    anatomy = anatomy_of(tiny_llama_dir)
     cfg = make_cfg(tiny_llama_dir, train={"batch_size": 4, "max_seq_len": 101})
     worst = estimate(anatomy, cfg)
     assert worst.n_targets == 4 * 100                                      # responses: the worst case by default
@@ -723,8 +707,8 @@ def test_suggestions_include_quantization_when_weights_dominate():
     assert q4.total_bytes < est.total_bytes
 
 
-def test_to_dict_and_table_rows(tiny_llama_dir, anatomies):
-    est = estimate(anatomies(tiny_llama_dir), make_cfg(tiny_llama_dir, {"dropout": 0.1}))
+def test_to_dict_and_table_rows(tiny_llama_dir, anatomy_of):
+    est = estimate(anatomy_of(tiny_llama_dir), make_cfg(tiny_llama_dir, {"dropout": 0.1}))
     d = json.loads(json.dumps(est.to_dict()))
     assert d["total_bytes"] == est.total_bytes and d["trainable_params"] == est.trainable_params
     assert sum(d["activation_terms"].values()) == est.activation_bytes

@@ -27,21 +27,6 @@ def knobs(**changes) -> list:
     return [k[name] for name in C.KNOBS]
 
 
-@pytest.fixture(scope="module")
-def anatomy_of(tmp_path_factory):
-    from engine.model import inspect_model
-
-    home = tmp_path_factory.mktemp("inspect-home")
-    cache: dict[str, dict] = {}
-
-    def get(path: Path) -> dict:
-        if str(path) not in cache:
-            cache[str(path)] = inspect_model(str(path), home)
-        return cache[str(path)]
-
-    return get
-
-
 # ---- calculator: the estimate panel -----------------------------------------------------------------
 
 
