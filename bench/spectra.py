@@ -21,15 +21,22 @@ from pathlib import Path
 
 import torch
 
-if not __package__:   # run as a script (`python bench/spectra.py`, as `make bench` does): the repo root holds engine/
+if not __package__:  # run as a script (`python bench/spectra.py`, as `make bench` does): the repo root holds engine/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.spectra import batched_singular_values, singular_values  # noqa: E402
+from engine.ml.spectra import batched_singular_values, singular_values
 
 LAYERS, R, ALPHA, HIDDEN, INTERMEDIATE = 32, 16, 32.0, 4096, 11008
 # kind → (d_in, d_out) of a Llama-2-7B block (no grouped-query attention: k, v are 4096 × 4096)
-KINDS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
-         "gate_proj": (HIDDEN, INTERMEDIATE), "up_proj": (HIDDEN, INTERMEDIATE), "down_proj": (INTERMEDIATE, HIDDEN)}
+KINDS = {
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, HIDDEN),
+    "v_proj": (HIDDEN, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (HIDDEN, INTERMEDIATE),
+    "up_proj": (HIDDEN, INTERMEDIATE),
+    "down_proj": (INTERMEDIATE, HIDDEN),
+}
 MAX_REL_ERR = 1e-4
 
 
@@ -53,7 +60,7 @@ def _sync(device: torch.device) -> None:
 def time_qr_path(adapter, scaling: float, device: torch.device) -> tuple[float, dict[str, torch.Tensor]]:
     names = list(adapter)
     As, Bs = [adapter[n][0] for n in names], [adapter[n][1] for n in names]
-    batched_singular_values(As[:7], Bs[:7], [scaling] * 7)          # warm-up: kernels, allocator
+    batched_singular_values(As[:7], Bs[:7], [scaling] * 7)  # warm-up: kernels, allocator
     _sync(device)
     t0 = time.perf_counter()
     sigmas = batched_singular_values(As, Bs, [scaling] * len(names))
@@ -88,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     adapter = synthetic_adapter(device)
     qr_s, sigmas = time_qr_path(adapter, scaling, device)
-    print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{len(adapter)} modules, r = {R}")
+    print(
+        f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"{len(adapter)} modules, r = {R}"
+    )
 
     full_s_by_shape: dict[tuple[int, int], list[float]] = {}
     max_rel = 0.0
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         A, B = adapter[name]
         _sync(device)
         t0 = time.perf_counter()
-        dW = scaling * B @ A                                        # forms the (d_out × d_in) ΔW
+        dW = scaling * B @ A  # forms the (d_out × d_in) ΔW
         # σ(ΔW) = σ(ΔWᵀ); LAPACK is several times faster on the tall orientation, so the baseline gets it
         # (a conservative ratio).
         full = torch.linalg.svdvals(dW if dW.shape[0] >= dW.shape[1] else dW.T)
@@ -110,18 +119,24 @@ def main(argv: list[str] | None = None) -> int:
         truth = singular_values(A, B, scaling, float64=True)
         qr64 = ((sigmas[name].double() - truth).abs() / truth).max().item()
         full64 = ((full[:R].double() - truth).abs() / truth).max().item()
-        print(f"  full svd {name} ({B.shape[0]}×{A.shape[1]}): {dt:.2f} s | rel err {rel:.1e} "
-              f"(vs float64: qr-path {qr64:.1e}, full svd {full64:.1e})")
+        print(
+            f"  full svd {name} ({B.shape[0]}×{A.shape[1]}): {dt:.2f} s | rel err {rel:.1e} "
+            f"(vs float64: qr-path {qr64:.1e}, full svd {full64:.1e})"
+        )
 
     counts: dict[tuple[int, int], int] = {}
     for d_in, d_out in (KINDS[n.rsplit(".", 1)[1]] for n in adapter):
         counts[(d_out, d_in)] = counts.get((d_out, d_in), 0) + 1
     full_all = sum(counts[shape] * sum(ts) / len(ts) for shape, ts in full_s_by_shape.items())
     n_sampled = sum(len(ts) for ts in full_s_by_shape.values())
-    print(f"qr-path all {len(adapter)} modules: {qr_s:.2f} s | full svd (scaled from {n_sampled}): {full_all:.0f} s | "
-          f"ratio {full_all / qr_s:.0f}x | max rel err {max_rel:.1e}")
+    print(
+        f"qr-path all {len(adapter)} modules: {qr_s:.2f} s | full svd (scaled from {n_sampled}): {full_all:.0f} s | "
+        f"ratio {full_all / qr_s:.0f}x | max rel err {max_rel:.1e}"
+    )
     if max_rel > MAX_REL_ERR:
-        print(f"FAIL: σ from the QR path differs from the full SVD by {max_rel:.1e} > {MAX_REL_ERR:.0e}", file=sys.stderr)
+        print(
+            f"FAIL: σ from the QR path differs from the full SVD by {max_rel:.1e} > {MAX_REL_ERR:.0e}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -30,15 +30,30 @@ sys.path.insert(0, str(ROOT))
 
 SETTINGS = {
     # A tiny Llama over SmolLM2's real 49k-token tokenizer, on chatterbot-corpus (lengths vary ~25–250 tokens).
-    "tiny": {"model": "tiny", "dataset": "builtin:chatterbot", "batch_size": 8, "max_seq_len": 256, "steps": 40,
-             "quick_steps": 24, "lr": 1e-3, "r": 8},
+    "tiny": {
+        "model": "tiny",
+        "dataset": "builtin:chatterbot",
+        "batch_size": 8,
+        "max_seq_len": 256,
+        "steps": 40,
+        "quick_steps": 24,
+        "lr": 1e-3,
+        "r": 8,
+    },
     # The embedded SmolLM2-135M-Instruct on the same data.
-    "smollm2": {"model": "embedded:SmolLM2-135M-Instruct", "dataset": "builtin:chatterbot", "batch_size": 8,
-                "max_seq_len": 256, "steps": 10,
-                "quick_steps": 6, "lr": 2e-4, "r": 8},
+    "smollm2": {
+        "model": "embedded:SmolLM2-135M-Instruct",
+        "dataset": "builtin:chatterbot",
+        "batch_size": 8,
+        "max_seq_len": 256,
+        "steps": 10,
+        "quick_steps": 6,
+        "lr": 2e-4,
+        "r": 8,
+    },
 }
-WARMUP_STEPS = 2   # steps excluded from the rate (allocator warm-up, first-call overheads)
-LAST_K = 5         # final loss = mean over the last K steps
+WARMUP_STEPS = 2  # steps excluded from the rate (allocator warm-up, first-call overheads)
+LAST_K = 5  # final loss = mean over the last K steps
 
 
 def build_tiny(home: Path) -> str:
@@ -46,30 +61,53 @@ def build_tiny(home: Path) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.model import ensure_embedded, load_tokenizer
+    from engine.ml.model import ensure_embedded, load_tokenizer
 
     out = home / "tiny-llama"
     if (out / "config.json").is_file():
         return str(out)
     tok = load_tokenizer(str(ensure_embedded(home)))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=1024, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
 
 
 def run_config(s: dict, model: str):
-    from engine.config import RunConfig
+    from engine.core.config import RunConfig
 
-    return RunConfig.from_dict({
-        "model": model, "dataset": s["dataset"],
-        "lora": {"r": s["r"], "alpha": 2 * s["r"], "dropout": 0.0, "targets": "all-linear"},
-        "train": {"lr": s["lr"], "scheduler": "constant", "warmup_steps": 0, "max_steps": s["steps"],
-                  "batch_size": s["batch_size"], "max_seq_len": s["max_seq_len"], "val_split": 0.0,
-                  "save_every": 0, "eval_every": 10_000, "seed": 1234, "max_grad_norm": 1.0}})
+    return RunConfig.from_dict(
+        {
+            "model": model,
+            "dataset": s["dataset"],
+            "lora": {"r": s["r"], "alpha": 2 * s["r"], "dropout": 0.0, "targets": "all-linear"},
+            "train": {
+                "lr": s["lr"],
+                "scheduler": "constant",
+                "warmup_steps": 0,
+                "max_steps": s["steps"],
+                "batch_size": s["batch_size"],
+                "max_seq_len": s["max_seq_len"],
+                "val_split": 0.0,
+                "save_every": 0,
+                "eval_every": 10_000,
+                "seed": 1234,
+                "max_grad_norm": 1.0,
+            },
+        }
+    )
 
 
 def rate(step_times: list[float], step_tokens: list[int]) -> float:
@@ -82,8 +120,8 @@ def rate(step_times: list[float], step_tokens: list[int]) -> float:
 
 
 def arm_engine(cfg, home: Path) -> dict:
-    from engine.events import ListSink
-    from engine.train import train
+    from engine.core.events import ListSink
+    from engine.ml.train import train
 
     class Timed(ListSink):
         def log(self, step, metrics):
@@ -93,9 +131,12 @@ def arm_engine(cfg, home: Path) -> dict:
     train(cfg, home / "engine-run", sink, home=home)
     steps = [(s, m) for s, m in sink.metrics if "train/loss" in m]
     tokens = [m["tokens_seen"] for _, m in steps]
-    return {"times": [m["_t"] for _, m in steps], "tokens": [b - a for a, b in zip([0] + tokens, tokens)],
-            "losses": [m["train/loss"] for _, m in steps],
-            "pad_frac": statistics.mean(m["pad_frac"] for _, m in steps)}
+    return {
+        "times": [m["_t"] for _, m in steps],
+        "tokens": [b - a for a, b in zip([0] + tokens, tokens)],
+        "losses": [m["train/loss"] for _, m in steps],
+        "pad_frac": statistics.mean(m["pad_frac"] for _, m in steps),
+    }
 
 
 def arm_trainer(cfg, home: Path) -> dict:
@@ -103,8 +144,8 @@ def arm_trainer(cfg, home: Path) -> dict:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from engine import data as D
-    from engine import model as M
+    from engine.ml import data as D
+    from engine.ml import model as M
 
     torch.manual_seed(cfg.train.seed)
     ref = M.resolve_model(cfg.model, home)
@@ -121,7 +162,9 @@ def arm_trainer(cfg, home: Path) -> dict:
 
     class Sequential(Trainer):
         def _get_train_sampler(self, train_dataset=None):
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            return torch.utils.data.SequentialSampler(
+                train_dataset if train_dataset is not None else self.train_dataset
+            )
 
     times, losses, tokens, pads = [], [], [], []
 
@@ -136,16 +179,29 @@ def arm_trainer(cfg, home: Path) -> dict:
     collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=D.IGNORE)
     bs = cfg.train.batch_size
     for i in range(0, len(rows), bs):  # useful tokens and padding of each batch, as the collator makes them
-        lens = [len(r["input_ids"]) for r in rows[i: i + bs]]
+        lens = [len(r["input_ids"]) for r in rows[i : i + bs]]
         tokens.append(sum(lens))
         pads.append(1 - sum(lens) / (max(lens) * len(lens)))
     args = TrainingArguments(
-        output_dir=str(home / "trainer-run"), per_device_train_batch_size=bs, max_steps=cfg.train.max_steps,
-        learning_rate=cfg.train.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=cfg.train.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
-        seed=cfg.train.seed, dataloader_num_workers=0, remove_unused_columns=False, optim="adamw_torch",
-        bf16=device.type == "cuda" and M.compute_dtype(cfg, device) == torch.bfloat16, use_cpu=device.type == "cpu",
-        disable_tqdm=True)
+        output_dir=str(home / "trainer-run"),
+        per_device_train_batch_size=bs,
+        max_steps=cfg.train.max_steps,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=cfg.train.max_grad_norm,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.train.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        optim="adamw_torch",
+        bf16=device.type == "cuda" and M.compute_dtype(cfg, device) == torch.bfloat16,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=True,
+    )
     Sequential(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Clock()]).train()
     return {"times": times, "tokens": tokens[: len(times)], "losses": losses, "pad_frac": statistics.mean(pads)}
 
@@ -170,19 +226,36 @@ def worker(arm: str, setting: str, home: Path, steps: int | None, out: Path) -> 
 
 def run_setting(setting: str, rounds: int, steps: int | None, home: Path) -> dict:
     results = {"engine": [], "trainer": []}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "LORALAB_TRAIN_THREADS": os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1))}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LORALAB_TRAIN_THREADS": os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)),
+    }
     for r in range(rounds):
         for arm in ("engine", "trainer"):  # A B A B ...
             out = home / f"{setting}-{arm}-{r}.json"
-            cmd = [sys.executable, __file__, "--worker", arm, "--setting", setting, "--home", str(home),
-                   "--out", str(out)] + (["--steps", str(steps)] if steps else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                arm,
+                "--setting",
+                setting,
+                "--home",
+                str(home),
+                "--out",
+                str(out),
+            ] + (["--steps", str(steps)] if steps else [])
             p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             if p.returncode != 0:
                 sys.exit(f"{arm} arm failed:\n{p.stderr[-4000:]}")
             results[arm].append(json.loads(out.read_text()))
-            print(f"  round {r + 1} {arm:<8} {results[arm][-1]['tok_per_s']:8.0f} tok/s  "
-                  f"final loss {results[arm][-1]['final_loss']:.4f}", flush=True)
+            print(
+                f"  round {r + 1} {arm:<8} {results[arm][-1]['tok_per_s']:8.0f} tok/s  "
+                f"final loss {results[arm][-1]['final_loss']:.4f}",
+                flush=True,
+            )
     e, t = results["engine"], results["trainer"]
     summary = {
         "setting": setting,
@@ -216,20 +289,26 @@ def main() -> int:
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     summaries = []
     for s in settings:
-        print(f"{s}: {SETTINGS[s]['model']} on {SETTINGS[s]['dataset']}, batch {SETTINGS[s]['batch_size']}, "
-              f"{args.steps or SETTINGS[s]['quick_steps' if args.quick else 'steps']} steps × {args.rounds} rounds, "
-              "alternating engine / Trainer",
-              flush=True)
+        print(
+            f"{s}: {SETTINGS[s]['model']} on {SETTINGS[s]['dataset']}, batch {SETTINGS[s]['batch_size']}, "
+            f"{args.steps or SETTINGS[s]['quick_steps' if args.quick else 'steps']} steps × {args.rounds} rounds, "
+            "alternating engine / Trainer",
+            flush=True,
+        )
         steps = args.steps or (SETTINGS[s]["quick_steps"] if args.quick else None)
         summaries.append(run_setting(s, args.rounds, steps, home))
     print()
-    print(f"{'setting':<9} {'engine tok/s':>12} {'Trainer tok/s':>13} {'ratio':>6} {'pad engine':>10} "
-          f"{'pad Trainer':>11} {'loss engine':>11} {'loss Trainer':>12} {'Δloss':>6}")
+    print(
+        f"{'setting':<9} {'engine tok/s':>12} {'Trainer tok/s':>13} {'ratio':>6} {'pad engine':>10} "
+        f"{'pad Trainer':>11} {'loss engine':>11} {'loss Trainer':>12} {'Δloss':>6}"
+    )
     ok = True
     for x in summaries:
-        print(f"{x['setting']:<9} {x['engine_tok_s']:12.0f} {x['trainer_tok_s']:13.0f} {x['ratio']:6.2f} "
-              f"{x['engine_pad']:10.1%} {x['trainer_pad']:11.1%} {x['engine_loss']:11.4f} {x['trainer_loss']:12.4f} "
-              f"{x['loss_diff']:6.1%}")
+        print(
+            f"{x['setting']:<9} {x['engine_tok_s']:12.0f} {x['trainer_tok_s']:13.0f} {x['ratio']:6.2f} "
+            f"{x['engine_pad']:10.1%} {x['trainer_pad']:11.1%} {x['engine_loss']:11.4f} {x['trainer_loss']:12.4f} "
+            f"{x['loss_diff']:6.1%}"
+        )
         ok &= x["loss_diff"] <= 0.02
     if not ok:
         print("final losses differ by more than 2%: the comparison does not count")

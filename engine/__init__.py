@@ -1,6 +1,9 @@
-"""LoRA Lab's engine: models, data, training, analysis, jobs.
+"""LoRA Lab's engine: models, data, training, analysis, jobs (docs/ARCHITECTURE.md).
 
-torch is imported only by model, data, train, spectra, generate and anatomy (and the CLI subcommands
-that use them). config, estimate, events, home, jobs and chat are stdlib-only so the web server can use
-them. Nothing is re-exported here, so `import engine.config` stays light.
+    engine.core   stdlib (+ storage, psutil, huggingface_hub): config, anatomy, estimate, spectrum, runs,
+                  export, jobs, launch, chat client. The web server imports only this part.
+    engine.ml     torch, transformers, peft: model, data, train, spectra, generate, merge.
+    engine.cli    the command line (`python -m engine`, `loralab`).
+
+Nothing is re-exported here, so `import engine.core.config` stays light.
 """

@@ -10,7 +10,8 @@ This package imports nothing else of the project.
 """
 
 from .schema import SCHEMA_VERSION, TERMINAL, MetricPoint, RunRecord, RunStatus, SpectrumRecord
-from .store import Store, StoreSink, default_db_url
+from .sink import StoreSink
+from .store import Store, default_db_url
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -50,9 +50,7 @@ class RunStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-TERMINAL: frozenset[RunStatus] = frozenset(
-    {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
-)
+TERMINAL: frozenset[RunStatus] = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
 
 # Parameter and token counts pass 2**31 (a 7B model), so integers are BIGINT on PostgreSQL.
 # SQLite keeps INTEGER: only `INTEGER PRIMARY KEY` is an alias of the rowid there, and a
@@ -260,9 +258,7 @@ class SpectrumRow(Base):
     __tablename__ = "spectra"
     # get_spectra() and spectra_steps() look up by (run_id, step); unique so that saving the same
     # step again replaces a module's spectrum instead of duplicating it.
-    __table_args__ = (
-        Index("ux_spectra_run_id_step_module", "run_id", "step", "module", unique=True),
-    )
+    __table_args__ = (Index("ux_spectra_run_id_step_module", "run_id", "step", "module", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
@@ -319,9 +315,7 @@ def make_engine(url: str) -> Engine:
     if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
         # Each new connection to ":memory:" is a new, empty database: share a single one. Good for
         # single-threaded tests only; WAL does not exist in memory.
-        engine = create_engine(
-            url, poolclass=StaticPool, connect_args={"check_same_thread": False}
-        )
+        engine = create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", partial(_sqlite_pragmas, wal=False))
     else:
         engine = create_engine(url)

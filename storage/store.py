@@ -313,9 +313,7 @@ class Store:
         with self._sessions.begin() as s:
             if self._require(s, run_id).status != RunStatus.QUEUED:
                 return None
-            ahead = select(func.count()).where(
-                RunRow.status == RunStatus.QUEUED.value, RunRow.id <= run_id
-            )
+            ahead = select(func.count()).where(RunRow.status == RunStatus.QUEUED.value, RunRow.id <= run_id)
             return s.scalar(ahead)
 
     def counts_by_status(self) -> dict[str, int]:
@@ -334,12 +332,7 @@ class Store:
         Two schedulers may call this at once: the UPDATE only succeeds while the run is still
         queued, so exactly one of them gets each run and the loser tries the next one.
         """
-        oldest = (
-            select(RunRow.id)
-            .where(RunRow.status == RunStatus.QUEUED.value)
-            .order_by(RunRow.id)
-            .limit(1)
-        )
+        oldest = select(RunRow.id).where(RunRow.status == RunStatus.QUEUED.value).order_by(RunRow.id).limit(1)
         with self._sessions.begin() as s:
             while (run_id := s.scalar(oldest)) is not None:
                 claim = (
@@ -401,20 +394,15 @@ class Store:
         Clears everything that described the previous attempt (pids, start and end, error), so
         the timestamps and duration describe the attempt to come.
         """
-        cleared = dict.fromkeys(
-            ["pid", "worker_pid", "error", "exit_code", "started_at", "finished_at"]
-        )
-        self._update_if(
-            run_id, [], status=RunStatus.QUEUED.value, resume_from=resume_from, **cleared
-        )
+        cleared = dict.fromkeys(["pid", "worker_pid", "error", "exit_code", "started_at", "finished_at"])
+        self._update_if(run_id, [], status=RunStatus.QUEUED.value, resume_from=resume_from, **cleared)
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         """Set final figures (final_loss, steps_done, ...) and/or merge keys into `summary`."""
         unknown = sorted(set(fields) - UPDATABLE_FIELDS)
         if unknown:
             raise ValueError(
-                f"update_run: unknown field(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(sorted(UPDATABLE_FIELDS))}"
+                f"update_run: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(UPDATABLE_FIELDS))}"
             )
         summary = fields.pop("summary", None)
         if summary is not None and not isinstance(summary, Mapping):
@@ -447,27 +435,19 @@ class Store:
                 continue
             if len(name) > METRIC_NAME_MAX:
                 raise ValueError(f"metric name longer than {METRIC_NAME_MAX} characters: {name!r}")
-            rows.append(
-                MetricRow(run_id=run_id, step=step, name=name, value=float(value), wall_time=now)
-            )
+            rows.append(MetricRow(run_id=run_id, step=step, name=name, value=float(value), wall_time=now))
         if not rows:
             return
         with self._sessions.begin() as s:
             self._require(s, run_id)
             s.add_all(rows)
 
-    def metrics_since(
-        self, run_id: int, after_id: int = 0, *, names: Iterable[str] | None = None
-    ) -> list[MetricPoint]:
+    def metrics_since(self, run_id: int, after_id: int = 0, *, names: Iterable[str] | None = None) -> list[MetricPoint]:
         """Points logged after cursor `after_id`, oldest first; the last id is the next cursor.
 
         An unknown run has no points: the UI polls this and a deleted run is not an error there.
         """
-        stmt = (
-            select(MetricRow)
-            .where(MetricRow.run_id == run_id, MetricRow.id > after_id)
-            .order_by(MetricRow.id)
-        )
+        stmt = select(MetricRow).where(MetricRow.run_id == run_id, MetricRow.id > after_id).order_by(MetricRow.id)
         if names is not None:
             names = [names] if isinstance(names, str) else list(names)
             stmt = stmt.where(MetricRow.name.in_(names))
@@ -491,11 +471,7 @@ class Store:
 
     def last_metrics(self, run_id: int) -> dict[str, float]:
         """The latest value logged for each metric name of the run."""
-        latest_ids = (
-            select(func.max(MetricRow.id))
-            .where(MetricRow.run_id == run_id)
-            .group_by(MetricRow.name)
-        )
+        latest_ids = select(func.max(MetricRow.id)).where(MetricRow.run_id == run_id).group_by(MetricRow.name)
         stmt = select(MetricRow.name, MetricRow.value).where(MetricRow.id.in_(latest_ids))
         with self._sessions.begin() as s:
             return {name: metric_value(value) for name, value in s.execute(stmt)}
@@ -553,12 +529,7 @@ class Store:
             return {row.module: row.to_record() for row in s.scalars(stmt)}
 
     def spectra_steps(self, run_id: int) -> list[int]:
-        stmt = (
-            select(SpectrumRow.step)
-            .where(SpectrumRow.run_id == run_id)
-            .distinct()
-            .order_by(SpectrumRow.step)
-        )
+        stmt = select(SpectrumRow.step).where(SpectrumRow.run_id == run_id).distinct().order_by(SpectrumRow.step)
         with self._sessions.begin() as s:
             return list(s.scalars(stmt))
 
@@ -576,31 +547,3 @@ class Store:
         with self._sessions.begin() as s:
             row = s.get(MetaRow, key)
             return default if row is None else row.value
-
-
-class StoreSink:
-    """The engine's MetricsSink, writing each call straight to a Store.
-
-    It matches engine/events.py's Protocol structurally, so storage never imports engine. Nothing
-    is buffered: the trainer already logs only every `log_every` steps.
-    """
-
-    __slots__ = ("store", "run_id")
-
-    def __init__(self, store: Store, run_id: int) -> None:
-        self.store = store
-        self.run_id = run_id
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        self.store.log_metrics(self.run_id, step, metrics)
-
-    def log_spectra(
-        self,
-        step: int,
-        spectra: Mapping[str, Sequence[float]],
-        extra: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
-        self.store.save_spectra(self.run_id, step, spectra, extra)
-
-    def set_summary(self, **fields: Any) -> None:
-        self.store.update_run(self.run_id, **fields)

@@ -7,9 +7,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.tiny import build_tiny_gpt2, build_tiny_llama, write_chat_jsonl  # noqa: E402
+from tests.tiny import build_tiny_gpt2, build_tiny_llama, write_chat_jsonl
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's; playwright cannot download its own here
 
@@ -65,8 +65,10 @@ def page():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
         page.set_default_timeout(30_000)
         yield page
@@ -75,8 +77,8 @@ def page():
 
 @pytest.fixture(scope="session")
 def anatomy_of(tmp_path_factory):
-    """engine.model.inspect_model's dict per model folder, computed once per session."""
-    from engine.model import inspect_model
+    """engine.ml.model.inspect_model's dict per model folder, computed once per session."""
+    from engine.ml.model import inspect_model
 
     home = tmp_path_factory.mktemp("inspect-home")
     cache: dict[str, dict] = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import app
+from ui import server as app
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -19,7 +19,7 @@ def test_fresh_interpreter_builds_the_app_without_torch(tmp_path):
     code = f"""
 import sys
 import app, ui
-from engine.jobs import JobRunner
+from engine.core.jobs import JobRunner
 from storage import Store
 from ui import build_app, launch_kwargs
 home = {str(tmp_path)!r}
@@ -54,8 +54,14 @@ def test_main_refuses_public_bind_without_auth(capsys):
 
 
 def test_cli_refuses_public_bind_in_a_real_process(tmp_path):
-    out = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--home", str(tmp_path / "h")], cwd=ROOT,
-                         env=ENV, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "app.py", "--host", "0.0.0.0", "--home", str(tmp_path / "h")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "refusing to bind" in out.stderr
     assert not (tmp_path / "h").exists()
 
@@ -85,7 +91,22 @@ def test_bad_auth_file_exits_2(tmp_path, capsys):
 def test_flags_and_defaults():
     a = app.build_parser().parse_args([])
     assert (a.host, a.port, a.auth, a.insecure, a.max_concurrent) == ("127.0.0.1", 7860, None, False, 1)
-    a = app.build_parser().parse_args(["--host", "0.0.0.0", "--port", "9000", "--home", "/h", "--db-url", "sqlite://",
-                                       "--auth", "u:p", "--insecure", "--max-concurrent", "2"])
+    a = app.build_parser().parse_args(
+        [
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9000",
+            "--home",
+            "/h",
+            "--db-url",
+            "sqlite://",
+            "--auth",
+            "u:p",
+            "--insecure",
+            "--max-concurrent",
+            "2",
+        ]
+    )
     assert (a.port, a.home, a.db_url, a.auth, a.insecure, a.max_concurrent) == (9000, "/h", "sqlite://", "u:p", True, 2)
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CHROMIUM  # noqa: F401  (the `page` fixture lives in conftest)
 from tests.test_ui_api import CPU_DOCTOR, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-from tests.conftest import CHROMIUM  # noqa: F401  (the `page` fixture lives in conftest)
 
 
 @pytest.fixture
 def app_url(tmp_path):
-    from engine.jobs import JobRunner
+    from engine.core.jobs import JobRunner
     from storage import Store
     from ui import build_app, close_tabs, launch_kwargs
 
@@ -90,9 +90,16 @@ def test_train_and_history_in_the_browser(app_url, page, request, tiny_llama_dir
     page.screenshot(path=str(shots / "validation.png"))
     assert store.list_runs() == []
 
-    for elem_id, value in (("train-max_steps", 10), ("train-lr", 0.01), ("train-batch_size", 2), ("train-max_seq_len", 64),
-                           ("train-eval_every", 4), ("train-save_every", 4), ("train-val_split", 0.2),
-                           ("train-warmup_steps", 1)):
+    for elem_id, value in (
+        ("train-max_steps", 10),
+        ("train-lr", 0.01),
+        ("train-batch_size", 2),
+        ("train-max_seq_len", 64),
+        ("train-eval_every", 4),
+        ("train-save_every", 4),
+        ("train-val_split", 0.2),
+        ("train-warmup_steps", 1),
+    ):
         fill_number(page, elem_id, value)
     page.locator("#run-name input, #run-name textarea").first.fill("browser-run")
 

@@ -11,20 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CHROMIUM  # noqa: F401  (the `page` fixture lives in conftest)
 from tests.test_chat import finished_run
 from tests.test_ui_api import CPU_DOCTOR, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-from tests.conftest import CHROMIUM  # noqa: F401  (the `page` fixture lives in conftest)
+
 PROMPT = "what is the capital of france ?"
 
 
 @pytest.fixture
 def chat_app(tmp_path, tiny_llama_dir, chat_jsonl):
     """The app on a temporary data home holding one finished tiny run: (url, store, run id, home, chat tab)."""
-    from engine.jobs import JobRunner
+    from engine.core.jobs import JobRunner
     from storage import Store
     from ui import build_app, launch_kwargs
 
@@ -60,8 +61,8 @@ def chat_app(tmp_path, tiny_llama_dir, chat_jsonl):
 def test_two_panes_base_and_adapter_fill_in_the_browser(chat_app, page, tiny_llama_dir):
     from playwright.sync_api import expect
 
-    from engine.chat import GenParams
-    from engine.generate import ChatModel
+    from engine.core.chat import GenParams
+    from engine.ml.generate import ChatModel
 
     url, store, run_id, home, tab = chat_app
     t0 = time.monotonic()

@@ -13,15 +13,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(home, *args, timeout=300):
     env = {**os.environ, "LORALAB_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_cfg(path, model, dataset, **train):
     t = {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "eval_every": 3, "save_every": 3, "val_split": 0.1}
     t.update(train)
-    path.write_text(json.dumps({"name": "cli-test", "model": str(model), "dataset": str(dataset),
-                                "lora": {"r": 4, "alpha": 8, "targets": "qv"}, "train": t}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "cli-test",
+                "model": str(model),
+                "dataset": str(dataset),
+                "lora": {"r": 4, "alpha": 8, "targets": "qv"},
+                "train": t,
+            }
+        )
+    )
     return path
 
 
@@ -35,7 +45,10 @@ def test_train_runs_show_generate(tmp_path, tiny_llama_dir, chat_jsonl):
 
     shown = json.loads(cli(home, "show", str(run_id), "--json").stdout)
     assert shown["status"] == "succeeded" and shown["steps_done"] == 6 and shown["final_loss"] > 0
-    assert shown["config"]["lora"]["targets"] == ["qv"] and Path(shown["adapter_dir"], "adapter_model.safetensors").is_file()
+    assert (
+        shown["config"]["lora"]["targets"] == ["qv"]
+        and Path(shown["adapter_dir"], "adapter_model.safetensors").is_file()
+    )
     assert (home / "runs" / str(run_id) / "config.json").is_file()
     listed = json.loads(cli(home, "runs", "--json").stdout)
     assert [x["id"] for x in listed] == [run_id]
@@ -72,8 +85,15 @@ def test_inspect_json_lists_modules_with_shapes(tmp_path, tiny_gpt2_dir):
     assert info["architecture"] == "GPT2LMHeadModel" and info["num_layers"] == 2
     kinds = {k["target"]: (k["count"], k["in_features"], k["out_features"]) for k in info["kinds"]}
     # attn.c_proj and mlp.c_proj share a kind name but not a shape: inspect keeps them apart
-    assert kinds == {"c_attn": (2, 32, 96), "attn.c_proj": (2, 32, 32), "c_fc": (2, 32, 128), "mlp.c_proj": (2, 128, 32)}
-    assert {m["type"] for m in info["modules"]} == {"Conv1D"} and not any("lm_head" in m["name"] for m in info["modules"])
+    assert kinds == {
+        "c_attn": (2, 32, 96),
+        "attn.c_proj": (2, 32, 32),
+        "c_fc": (2, 32, 128),
+        "mlp.c_proj": (2, 128, 32),
+    }
+    assert {m["type"] for m in info["modules"]} == {"Conv1D"} and not any(
+        "lm_head" in m["name"] for m in info["modules"]
+    )
 
 
 def test_offline_hub_id_gives_a_clear_error(tmp_path):
@@ -87,8 +107,12 @@ def test_quickstart_on_the_real_embedded_model(tmp_path):
     """A few real steps of SmolLM2 through the CLI: GGUF conversion, chat template, adapter."""
     home = tmp_path / "home"
     cfg = tmp_path / "q.yaml"
-    cfg.write_text((ROOT / "examples" / "quickstart.yaml").read_text()
-                   .replace("epochs: 2", "max_steps: 3").replace("batch_size: 8", "batch_size: 2"))
+    cfg.write_text(
+        (ROOT / "examples" / "quickstart.yaml")
+        .read_text()
+        .replace("epochs: 2", "max_steps: 3")
+        .replace("batch_size: 8", "batch_size: 2")
+    )
     r = cli(home, "train", str(cfg), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     run_id = r.stdout.strip().splitlines()[-1]
@@ -113,8 +137,14 @@ def test_hub_id_loads_from_the_local_hf_cache_offline(tmp_path, tiny_llama_dir, 
     env_home = tmp_path / "home"
     cfg = write_cfg(tmp_path / "c.json", "loralab-test/tiny-llama", chat_jsonl, max_steps=2)
     env = {**os.environ, "LORALAB_HOME": str(env_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    r = subprocess.run([sys.executable, "-m", "engine", "train", str(cfg)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "train", str(cfg)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     adapter_cfg = json.loads((env_home / "runs" / "1" / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == "loralab-test/tiny-llama"

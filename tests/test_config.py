@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from engine.config import EMBEDDED_MODEL, ConfigError, LoraSpec, RunConfig, field_help, parse_layers
+from engine.core.config import EMBEDDED_MODEL, ConfigError, LoraSpec, RunConfig, field_help, parse_layers
 
 
 def test_defaults_work_on_first_click():
@@ -13,8 +13,19 @@ def test_defaults_work_on_first_click():
 
 
 def test_round_trip_json_and_yaml(tmp_path):
-    cfg = RunConfig.from_dict({"lora": {"r": 16, "alpha": 32, "layers": "0-2,5", "targets": ["q_proj", "v_proj"],
-                                        "use_rslora": True, "init": "pissa"}, "train": {"lr": 1e-3, "max_steps": 7}})
+    cfg = RunConfig.from_dict(
+        {
+            "lora": {
+                "r": 16,
+                "alpha": 32,
+                "layers": "0-2,5",
+                "targets": ["q_proj", "v_proj"],
+                "use_rslora": True,
+                "init": "pissa",
+            },
+            "train": {"lr": 1e-3, "max_steps": 7},
+        }
+    )
     assert cfg.lora.layers == (0, 1, 2, 5)
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
     p = tmp_path / "c.yaml"
@@ -30,12 +41,24 @@ def test_frozen():
 
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        RunConfig.from_dict({"quant": "2bit", "lora": {"r": 0, "alpha": -1, "dropout": 1.5, "rank": 3},
-                             "train": {"lr": "fast", "batch_size": 0, "val_split": 0.9}})
+        RunConfig.from_dict(
+            {
+                "quant": "2bit",
+                "lora": {"r": 0, "alpha": -1, "dropout": 1.5, "rank": 3},
+                "train": {"lr": "fast", "batch_size": 0, "val_split": 0.9},
+            }
+        )
     msg = str(e.value)
-    for needle in ["quant = '2bit': must be one of none, 8bit, 4bit", "lora.r = 0", "lora.alpha = -1.0",
-                   "lora.dropout = 1.5", "lora.rank: unknown field", "train.lr = 'fast'", "train.batch_size = 0",
-                   "train.val_split = 0.9"]:
+    for needle in [
+        "quant = '2bit': must be one of none, 8bit, 4bit",
+        "lora.r = 0",
+        "lora.alpha = -1.0",
+        "lora.dropout = 1.5",
+        "lora.rank: unknown field",
+        "train.lr = 'fast'",
+        "train.batch_size = 0",
+        "train.val_split = 0.9",
+    ]:
         assert needle in msg, needle
     assert len(e.value.problems) == 8
 

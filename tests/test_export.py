@@ -33,7 +33,7 @@ def test_merged_model_logits_equal_base_plus_adapter(run_in_store, tiny_llama_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.__main__ import main
+    from engine.cli import main
 
     home, store, run_id = run_in_store
     out = tmp_path / "merged"
@@ -60,14 +60,15 @@ def test_merged_model_logits_equal_base_plus_adapter(run_in_store, tiny_llama_di
 
 
 def test_merge_refuses_a_quantized_base(tiny_llama_dir, tmp_path):
-    from engine.export import ExportError, merge
+    from engine.core.export import ExportError
+    from engine.ml.merge import merge
 
     with pytest.raises(ExportError, match="full-precision base"):
         merge(str(tiny_llama_dir), tmp_path / "adapter", tmp_path / "out", quant="4bit")
 
 
 def test_zip_holds_the_adapter_and_its_card(run_in_store, tmp_path, capsys):
-    from engine.__main__ import main
+    from engine.cli import main
 
     home, store, run_id = run_in_store
     out = tmp_path / "run.zip"
@@ -79,11 +80,12 @@ def test_zip_holds_the_adapter_and_its_card(run_in_store, tmp_path, capsys):
 
 
 def test_model_card_has_base_dataset_every_hyperparameter_losses_and_spectra(run_in_store, tiny_llama_dir):
-    from engine.export import flatten, model_card, show, spectra_summary
+    from engine.core.export import flatten, model_card, show, stored_summary
+    from engine.core.spectrum import summarize
 
     home, store, run_id = run_in_store
     run = store.get_run(run_id)
-    summary = spectra_summary(store.get_spectra(run_id))
+    summary = stored_summary(store, run_id)
     card = model_card(run, summary)
     head, body = card.split("---\n", 2)[1:]
     assert "library_name: peft" in head and "- lora" in head
@@ -95,15 +97,15 @@ def test_model_card_has_base_dataset_every_hyperparameter_losses_and_spectra(run
     assert f"| final train loss | {run.final_loss:.4f} |" in body
     assert f"| best validation loss | {run.best_val_loss:.4f} |" in body
     assert f"| final validation loss | {run.final_val_loss:.4f} |" in body
-    assert summary["modules"] == 14 and f"mean effective rank {summary['mean_effective_rank']:.2f}" in body
+    assert summary["modules"] == 14 and f"mean effective rank {summary['effective_rank_mean']:.2f}" in body
     top = summary["top"][0]
     assert f"| `{top['module']}` | {top['fro_norm']:.4f} |" in body
-    # the summary agrees with engine.spectra's own numbers for the saved adapter
-    from engine.spectra import adapter_spectra
+    # the summary agrees with engine.ml.spectra's own numbers for the saved adapter
+    from engine.ml.spectra import adapter_spectra
 
-    direct = spectra_summary(adapter_spectra(run.adapter_dir))
+    direct = summarize({n: s.to_stats() for n, s in adapter_spectra(run.adapter_dir).items()})
     assert direct["top"][0]["module"].endswith(top["module"].split("model.", 1)[-1])
-    assert abs(direct["mean_effective_rank"] - summary["mean_effective_rank"]) < 1e-3
+    assert abs(direct["effective_rank_mean"] - summary["effective_rank_mean"]) < 1e-3
 
     # an embedded-model run names the hub id in the metadata, as the Hub expects
     from types import SimpleNamespace
@@ -140,8 +142,9 @@ class FakeApi:
 def test_push_is_private_by_default_and_never_shows_the_token(run_in_store, monkeypatch, capsys, caplog):
     import logging
 
-    from engine.__main__ import main
-    from engine.export import ExportError, push
+    from engine.cli import main
+    from engine.core.export import ExportError
+    from engine.core.export import push_adapter as push
 
     caplog.set_level(logging.DEBUG)
     home, store, run_id = run_in_store
@@ -190,7 +193,8 @@ def test_push_is_private_by_default_and_never_shows_the_token(run_in_store, monk
 def test_push_without_a_token_says_how_to_get_one(run_in_store, monkeypatch):
     import huggingface_hub
 
-    from engine.export import ExportError, push
+    from engine.core.export import ExportError
+    from engine.core.export import push_adapter as push
 
     home, store, run_id = run_in_store
     FakeApi().install(monkeypatch)
@@ -233,12 +237,17 @@ class HubStandIn(BaseHTTPRequestHandler):
             return self._reply({"errors": [], "warnings": []})
         if "/preupload/" in self.path:
             files = json.loads(body)["files"]
-            return self._reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                          for f in files]})
+            return self._reply(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if "/commit/" in self.path:
-            return self._reply({"commitUrl": f"http://{self.headers['Host']}/me/pirate/commit/{'a' * 40}",
-                                "commitOid": "a" * 40,
-                                "success": True})
+            return self._reply(
+                {
+                    "commitUrl": f"http://{self.headers['Host']}/me/pirate/commit/{'a' * 40}",
+                    "commitOid": "a" * 40,
+                    "success": True,
+                }
+            )
         return self._reply({"error": f"stand-in has no {self.path}"}, 404)
 
     def do_GET(self):
@@ -250,7 +259,7 @@ def test_push_through_the_real_hub_client_to_a_local_stand_in(run_in_store, monk
     """No monkeypatching of HfApi: huggingface_hub sends real HTTP requests, to a server on localhost."""
     import huggingface_hub.constants
 
-    from engine.export import push
+    from engine.core.export import push_adapter as push
 
     home, store, run_id = run_in_store
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline otherwise
@@ -269,8 +278,11 @@ def test_push_through_the_real_hub_client_to_a_local_stand_in(run_in_store, monk
     assert req.get("visibility") == "private" or req.get("private") is True  # hub client 2.x sends "visibility"
     assert all(r["auth"] == f"Bearer {TOKEN}" for r in HubStandIn.seen)  # sent only as the header
     commit = next(r for r in HubStandIn.seen if "/commit/" in r["path"])
-    paths = {json.loads(line)["value"].get("path") for line in commit["body"].splitlines()
-             if json.loads(line)["key"] == "file"}
+    paths = {
+        json.loads(line)["value"].get("path")
+        for line in commit["body"].splitlines()
+        if json.loads(line)["key"] == "file"
+    }
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= paths
     meta = next(r["meta"] for r in HubStandIn.seen if r["path"] == "/api/validate-yaml")
     assert meta["library_name"] == "peft" and "lora" in meta["tags"]  # the front matter is valid YAML

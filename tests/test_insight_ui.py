@@ -4,7 +4,6 @@ the plot builders. No browser, no server."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import warnings
@@ -13,8 +12,8 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from engine import estimate as E
-from engine.config import RunConfig
+from engine.core import estimate as E
+from engine.core.config import RunConfig
 from ui import calculator_tab as C
 from ui import insight_plots as P
 from ui import spectra_tab as S
@@ -33,8 +32,13 @@ def knobs(**changes) -> list:
 def test_estimate_panel_shows_the_engine_estimate(tiny_llama_dir, anatomy_of):
     anatomy = anatomy_of(tiny_llama_dir)
     summary, bar, table, fits, advice = C.estimate_panel(anatomy, "cuda", 16, *knobs(r=4, batch_size=2))
-    est = E.estimate(anatomy, RunConfig.from_dict({"model": str(tiny_llama_dir), "lora": {"r": 4, "alpha": 16},
-                                                   "train": {"batch_size": 2}, "train_on": "all"}), "cuda")
+    est = E.estimate(
+        anatomy,
+        RunConfig.from_dict(
+            {"model": str(tiny_llama_dir), "lora": {"r": 4, "alpha": 16}, "train": {"batch_size": 2}, "train_on": "all"}
+        ),
+        "cuda",
+    )
     assert f"{est.trainable_params:,}" in summary and f"{est.trainable_pct:.3f} %" in summary
     assert f"{est.adapter_file_bytes / 2**20:.2f} MiB" in summary and f"{est.total_gb:.2f} GB" in summary
     rows = est.table_rows()
@@ -49,7 +53,7 @@ def test_estimate_panel_counts_equal_peft_for_custom_kinds_layers_and_dora(tiny_
     """GPT-2's two c_proj kinds are told apart by the checklist's target names (attn.c_proj, mlp.c_proj)."""
     from peft import get_peft_model
 
-    from engine.model import describe, load_base_model, lora_config, pick_device
+    from engine.ml.model import describe, load_base_model, lora_config, pick_device
 
     anatomy = anatomy_of(tiny_gpt2_dir)
     targets = [t for _, t in C.kind_choices(anatomy)]
@@ -103,7 +107,7 @@ def test_past_runs_show_estimated_vs_measured(tmp_path):
     store.update_run(a, est_mem_gb=1.10, peak_mem_gb=1.00, device="cpu")
     b = store.create_run("b", cfg, "", model="/models/x", status=RunStatus.SUCCEEDED)
     store.update_run(b, est_mem_gb=2.0, peak_mem_gb=2.5, device="cuda:0")
-    store.create_run("queued", cfg, "", model="/models/x")                      # no measurement yet: left out
+    store.create_run("queued", cfg, "", model="/models/x")  # no measurement yet: left out
     other = store.create_run("other", cfg, "", model="/models/y", status=RunStatus.SUCCEEDED)
     store.update_run(other, est_mem_gb=1.0, peak_mem_gb=1.0, device="cpu")
     table, points = C.past_runs(store, "/models/x")
@@ -117,35 +121,39 @@ def test_past_runs_show_estimated_vs_measured(tmp_path):
     assert C.runs_panel({"model": "/models/none"}, store=store)[2].startswith("No finished run")
 
 
-def test_cached_anatomy_reads_the_backend_cache_without_a_process(tmp_path):
-    from ui.backend import Backend, inspect_cache_key
-
-    backend = Backend(tmp_path)
-    assert C.cached_anatomy(backend, "org/model") is None
-    path = tmp_path / "cache" / "inspect" / f"{inspect_cache_key('org/model')}.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"model": "org/model", "total_params": 1}))
-    assert C.cached_anatomy(backend, "org/model") == {"model": "org/model", "total_params": 1}
-
-
 # ---- spectra: a store filled by real training runs ---------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_llama_dir, chat_jsonl):
     """Two real 4-step runs in one store: r = 8 LoRA, and r = 4 DoRA on q,v; spectra at steps 2 and 4."""
-    from engine.train import train
+    from engine.ml.train import train
     from storage import RunStatus, Store, StoreSink
 
     home = tmp_path_factory.mktemp("spectra-home")
     store = Store.for_home(home)
     ids = {}
-    for name, lora in (("lora8", {"r": 8, "targets": "all-linear"}), ("dora4", {"r": 4, "targets": "qv",
-                                                                                "use_dora": True})):
-        cfg = RunConfig.from_dict({"model": str(tiny_llama_dir), "dataset": str(chat_jsonl), "name": name,
-                                   "lora": {"alpha": 16, **lora},
-                                   "train": {"lr": 1e-2, "max_steps": 4, "save_every": 2, "eval_every": 100,
-                                             "batch_size": 4, "warmup_steps": 0, "val_split": 0.0}})
+    for name, lora in (
+        ("lora8", {"r": 8, "targets": "all-linear"}),
+        ("dora4", {"r": 4, "targets": "qv", "use_dora": True}),
+    ):
+        cfg = RunConfig.from_dict(
+            {
+                "model": str(tiny_llama_dir),
+                "dataset": str(chat_jsonl),
+                "name": name,
+                "lora": {"alpha": 16, **lora},
+                "train": {
+                    "lr": 1e-2,
+                    "max_steps": 4,
+                    "save_every": 2,
+                    "eval_every": 100,
+                    "batch_size": 4,
+                    "warmup_steps": 0,
+                    "val_split": 0.0,
+                },
+            }
+        )
         out = home / "runs" / name
         run_id = store.create_run(name, cfg.to_dict(), out, model=cfg.model, status=RunStatus.RUNNING)
         with warnings.catch_warnings():
@@ -183,19 +191,19 @@ def test_sigma_view_filters_by_kind_and_layer(trained):
     assert S.sigma_view(sources, None, "x-y", False, "sigma")[1].startswith("⚠")
 
 
-def test_heatmaps_match_the_engine_on_the_saved_adapter(trained):
-    """The tab's torch-free grid equals engine.spectra.heatmap of the same adapter (final step = saved adapter)."""
-    from engine.spectra import adapter_spectra, heatmap
+def test_heatmap_cells_are_the_norms_of_the_saved_adapter(trained):
+    """Each cell of the ‖ΔW‖_F heatmap is ‖scaling·B·A‖_F of that layer's module, formed from the saved adapter."""
+    from engine.ml.spectra import load_adapter
 
     store, ids, _ = trained
     sources = S.load_runs([ids["lora8"]], {}, store=store)[0]
     src = next(iter(sources.values()))
-    engine_spectra = adapter_spectra(src["adapter_dir"])
-    for value in ("fro_norm", "effective_rank"):
-        layers, kinds, grid = S.layer_kind_grid(src["modules"], value)
-        e_layers, e_kinds, e_grid = heatmap(engine_spectra, value)
-        assert (layers, kinds) == (e_layers, e_kinds)
-        assert grid == [[pytest.approx(v, rel=1e-4) for v in row] for row in e_grid]
+    _, factors, _ = load_adapter(src["adapter_dir"])
+    layers, kinds, grid = S.grid_of(src["modules"], "fro_norm")
+    assert layers == [0, 1] and kinds == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for name, (A, B, scaling) in factors.items():
+        layer, kind = int(name.split(".")[2]), name.split(".")[-1]
+        assert grid[layers.index(layer)][kinds.index(kind)] == pytest.approx(float((scaling * B @ A).norm()), rel=1e-4)
     fro, eff, mag = S.heatmap_view(sources, src["label"])
     assert fro.data[0].type == "heatmap" and len(fro.data[0].z) == 2 and len(fro.data[0].z[0]) == 7
     assert eff.data[0].zmax == 8 and mag["visible"] is False
@@ -251,28 +259,36 @@ def test_phi_between_an_adapter_and_itself_and_two_ranks(trained):
     z = fig.data[0].z
     assert len(z) == 8 and all(z[i][i] == pytest.approx(1.0, abs=1e-6) for i in range(8))
     assert "diagonal is 1" in note
-    fig, note = S.phi_view(sources, by_id[ids["lora8"]], by_id[ids["dora4"]], module, "ΔW = B·A: output space",
-                           8, 8, backend=backend)
+    fig, note = S.phi_view(
+        sources, by_id[ids["lora8"]], by_id[ids["dora4"]], module, "ΔW = B·A: output space", 8, 8, backend=backend
+    )
     z = fig.data[0].z
     assert (len(z), len(z[0])) == (8, 4)  # j is capped at the second adapter's rank
     assert all(0.0 <= v <= 1.0 + 1e-9 for row in z for v in row) and "(r = 8)" in note and "(r = 4)" in note
     with pytest.raises(gr.Error, match="no LoRA on"):
-        S.phi_view(sources, by_id[ids["lora8"]], by_id[ids["dora4"]], "model.layers.1.mlp.up_proj", mode, 4, 4,
-                   backend=backend)
+        S.phi_view(
+            sources, by_id[ids["lora8"]], by_id[ids["dora4"]], "model.layers.1.mlp.up_proj", mode, 4, 4, backend=backend
+        )
 
 
-def test_parse_layers():
-    assert S.parse_layers("") is None and S.parse_layers("0-2, 5") == {0, 1, 2, 5}
-    with pytest.raises(ValueError):
-        S.parse_layers("a")
+def test_layer_filter_follows_the_config_rule():
+    assert S.layer_set("") is None and S.layer_set("0-2, 5") == {0, 1, 2, 5}
+    for bad in ("a", "5-2"):  # a backwards range is refused here exactly as in lora.layers
+        with pytest.raises(ValueError):
+            S.layer_set(bad)
 
 
 # ---- the plot builders -----------------------------------------------------------------------------
 
 
 def test_memory_figure_stacks_the_terms_and_marks_gpus():
-    rows = [("base weights: linear layers", 10 * P.GIB, "bf16"), ("activations", 8 * P.GIB, "..."),
-            ("gradients", 0, "not at the peak"), ("CUDA context", P.GIB // 2, "fixed"), ("total", 0, "")]
+    rows = [
+        ("base weights: linear layers", 10 * P.GIB, "bf16"),
+        ("activations", 8 * P.GIB, "..."),
+        ("gradients", 0, "not at the peak"),
+        ("CUDA context", P.GIB // 2, "fixed"),
+        ("total", 0, ""),
+    ]
     fig = P.memory_figure(rows)
     assert [t.name for t in fig.data] == ["base weights: linear layers", "activations", "CUDA context"]
     assert fig.layout.barmode == "stack" and all(t.orientation == "h" for t in fig.data)
@@ -321,6 +337,8 @@ def test_tabs_build_inside_blocks(trained):
 
 
 def test_importing_the_tabs_does_not_import_torch():
-    code = ("import sys, ui.calculator_tab, ui.spectra_tab, ui.insight_plots; "
-            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, ui.calculator_tab, ui.spectra_tab, ui.insight_plots; "
+        "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,7 +1,7 @@
 """The job queue with real child processes: SIGKILL, a killed server, cancel → resume, FIFO, refusals.
 
 The training runs are real `python -m engine train --run-id` children on the tiny Llama. The ten-job FIFO
-test uses the real CLI with a two-step stand-in for engine.train (see SHIM): ten torch start-ups would
+test uses the real CLI with a two-step stand-in for engine.ml.train (see SHIM): ten torch start-ups would
 take two minutes on two cores, and the queue, not the trainer, is what it tests.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import jobs
-from engine.config import ConfigError, RunConfig
-from engine.jobs import JobRunner, latest_checkpoint, pid_alive
+from engine.core import jobs
+from engine.core.config import ConfigError, RunConfig
+from engine.core.jobs import JobRunner, latest_checkpoint, pid_alive
 from storage import RunStatus, Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +49,7 @@ def wait_steps(store: Store, run_id: int, n: int, timeout: float = 90) -> None:
         if store.get_run(run_id).is_terminal:
             raise AssertionError(f"run {run_id} ended before step {n}: {store.get_run(run_id).error}")
         return max(loss_steps(store, run_id), default=0) >= n
+
     wait_for(reached, timeout, f"run {run_id} to reach step {n}")
 
 
@@ -87,8 +88,7 @@ def runners(store, home):
 
 
 @pytest.mark.slow
-def test_sigkilled_child_fails_with_signal_and_log_tail_and_next_run_starts(runners, store, tiny_llama_dir,
-                                                                            chat_jsonl):
+def test_sigkilled_child_fails_with_signal_and_log_tail_and_next_run_starts(runners, store, tiny_llama_dir, chat_jsonl):
     runner = runners()
     runner.start()
     a = runner.submit(run_cfg(tiny_llama_dir, chat_jsonl, 400))
@@ -108,14 +108,20 @@ def test_sigkilled_child_fails_with_signal_and_log_tail_and_next_run_starts(runn
 
 
 @pytest.mark.slow
-def test_server_killed_mid_run_then_recover_leaves_nothing_running(runners, store, home, tiny_llama_dir,
-                                                                    chat_jsonl, tmp_path):
+def test_server_killed_mid_run_then_recover_leaves_nothing_running(
+    runners, store, home, tiny_llama_dir, chat_jsonl, tmp_path
+):
     submitter = runners()  # never started: only writes rows
     a = submitter.submit(run_cfg(tiny_llama_dir, chat_jsonl, 150))
     b = submitter.submit(run_cfg(tiny_llama_dir, chat_jsonl, 2))
     with open(tmp_path / "worker.log", "wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "engine", "--home", str(home), "worker"], cwd=REPO_ROOT,
-                                  env={**os.environ, **ENV}, stdout=out, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "engine", "--home", str(home), "worker"],
+            cwd=REPO_ROOT,
+            env={**os.environ, **ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_steps(store, a, 3)
         assert store.get_run(a).worker_pid == worker.pid
@@ -138,8 +144,7 @@ def test_server_killed_mid_run_then_recover_leaves_nothing_running(runners, stor
 
 
 @pytest.mark.slow
-def test_cancel_saves_checkpoint_and_resume_continues_the_same_loss(runners, store, home, tiny_llama_dir,
-                                                                    chat_jsonl):
+def test_cancel_saves_checkpoint_and_resume_continues_the_same_loss(runners, store, home, tiny_llama_dir, chat_jsonl):
     runner = runners(max_concurrent=2)
     runner.start()
     cfg = run_cfg(tiny_llama_dir, chat_jsonl, 400)
@@ -182,11 +187,11 @@ def test_cancel_saves_checkpoint_and_resume_continues_the_same_loss(runners, sto
 # ---- the queue, with a stand-in trainer ---------------------------------------------------------------------
 
 SHIM = '''#!{python}
-"""Stand-in for `python -m engine ...`: the real CLI, with engine.train replaced by a two-step fake."""
+"""Stand-in for `python -m engine ...`: the real CLI, with engine.ml.train replaced by a two-step fake."""
 import os, runpy, sys, types
 
 sys.path.insert(0, os.getcwd())
-fake = types.ModuleType("engine.train")
+fake = types.ModuleType("engine.ml.train")
 
 
 def train(cfg, out_dir, sink, should_stop, *, resume_from=None, home=None):
@@ -198,7 +203,7 @@ def train(cfg, out_dir, sink, should_stop, *, resume_from=None, home=None):
 
 
 fake.train = train
-sys.modules["engine.train"] = fake
+sys.modules["engine.ml.train"] = fake
 sys.argv = ["engine", *sys.argv[3:]]  # drop "-m engine"
 runpy.run_module("engine", run_name="__main__", alter_sys=True)
 '''
@@ -212,8 +217,9 @@ def fake_python(tmp_path) -> str:
     return str(p)
 
 
-def test_ten_quick_submissions_run_once_each_in_fifo_order(runners, store, home, fake_python, tiny_llama_dir,
-                                                           chat_jsonl):
+def test_ten_quick_submissions_run_once_each_in_fifo_order(
+    runners, store, home, fake_python, tiny_llama_dir, chat_jsonl
+):
     # Two schedulers share the database (the app and a worker): claiming is atomic, so none runs twice.
     said: list[str] = []
     app, worker = runners(python=fake_python, log=said.append), runners(python=fake_python, log=said.append)
@@ -238,8 +244,13 @@ def test_cli_submit_cancel_resume(store, home, tiny_llama_dir, chat_jsonl, tmp_p
     cfg_path.write_text(RunConfig.from_dict(run_cfg(tiny_llama_dir, chat_jsonl, 2)).to_json())
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "engine", "--home", str(home), *args], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "engine", "--home", str(home), *args],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     done = cli("submit", str(cfg_path))
     assert done.returncode == 0, done.stderr
@@ -265,8 +276,7 @@ def test_invalid_config_is_refused_with_every_problem_and_nothing_written(runner
     assert store.list_runs() == [] and not (home / "runs").exists()
 
 
-def test_disk_space_refusal_says_how_much_and_what_to_do(runners, store, home, monkeypatch, tiny_llama_dir,
-                                                         chat_jsonl):
+def test_disk_space_refusal_says_how_much_and_what_to_do(runners, store, home, monkeypatch, tiny_llama_dir, chat_jsonl):
     runner = runners()
     cfg = run_cfg(tiny_llama_dir, chat_jsonl, 2)
     monkeypatch.setattr(jobs, "free_bytes", lambda path: 300 * 10**6)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from engine.config import RunConfig
-from engine.data import IGNORE, Example, collate, collate_packed, pack_rows, prepare
-from engine.model import attach_lora, load_base_model, load_tokenizer, pick_device
-from engine.train import packing_agrees, token_losses
+from engine.core.config import RunConfig
+from engine.ml.data import IGNORE, Example, collate, collate_packed, pack_rows, prepare
+from engine.ml.model import attach_lora, load_base_model, load_tokenizer, pick_device
+from engine.ml.train import packing_agrees, token_losses
 
 
 def _examples(tok, data, n=6):
@@ -38,14 +38,16 @@ def test_packed_per_token_losses_equal_padded(which, request, chat_jsonl):
         by_example = {}
         at = 0
         for e in order:
-            by_example[id(e)] = fast[at: at + e.n_label_tokens]
+            by_example[id(e)] = fast[at : at + e.n_label_tokens]
             at += e.n_label_tokens
         ref_at = 0
         for e in exs:
-            ref = padded[ref_at: ref_at + e.n_label_tokens]
+            ref = padded[ref_at : ref_at + e.n_label_tokens]
             ref_at += e.n_label_tokens
             torch.testing.assert_close(by_example[id(e)], ref, rtol=1e-5, atol=1e-5)
-        assert packing_agrees(model, exs, tok.pad_token_id, capacity, pick_device(), torch.autocast("cpu", enabled=False))
+        assert packing_agrees(
+            model, exs, tok.pad_token_id, capacity, pick_device(), torch.autocast("cpu", enabled=False)
+        )
 
 
 def test_packing_layout():
@@ -62,14 +64,19 @@ def test_packing_layout():
 
 
 def test_training_uses_packing_and_reports_padding(tiny_llama_dir, chat_jsonl, tmp_path):
-    from engine.events import ListSink
-    from engine.train import train
+    from engine.core.events import ListSink
+    from engine.ml.train import train
 
     sinks = {}
     for packing in (True, False):
-        cfg = RunConfig.from_dict({"model": str(tiny_llama_dir), "dataset": str(chat_jsonl),
-                                   "lora": {"dropout": 0.0},
-                                   "train": {"max_steps": 4, "batch_size": 4, "packing": packing, "val_split": 0}})
+        cfg = RunConfig.from_dict(
+            {
+                "model": str(tiny_llama_dir),
+                "dataset": str(chat_jsonl),
+                "lora": {"dropout": 0.0},
+                "train": {"max_steps": 4, "batch_size": 4, "packing": packing, "val_split": 0},
+            }
+        )
         sinks[packing] = ListSink()
         train(cfg, tmp_path / str(packing), sinks[packing], home=tmp_path / "home")
     assert sinks[True].summary["summary"]["packing"] is True

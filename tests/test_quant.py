@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from engine.config import RunConfig
-from engine.model import attach_lora, load_base_model, pick_device
+from engine.core.config import RunConfig
+from engine.ml.model import attach_lora, load_base_model, pick_device
 from tests.tiny import build_tiny_llama
 
 
@@ -38,8 +38,14 @@ def test_4bit_lora_gradients_match_dequantized_reference_after_eval(llama64, fix
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
-    cfg = RunConfig.from_dict({"model": str(llama64), "quant": "4bit", "dtype": "fp32",
-                               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear"}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": str(llama64),
+            "quant": "4bit",
+            "dtype": "fp32",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear"},
+        }
+    )
     device = pick_device()
     q = load_base_model(str(llama64), cfg, device)
     if not fix:  # undo the fix to show the test can see the trap
@@ -82,15 +88,28 @@ def test_4bit_lora_gradients_match_dequantized_reference_after_eval(llama64, fix
 
 
 def test_8bit_trains_and_loss_falls(llama64, tmp_path):
-    from engine.events import ListSink
-    from engine.train import train
+    from engine.core.events import ListSink
+    from engine.ml.train import train
     from tests.tiny import write_chat_jsonl
 
     data = write_chat_jsonl(tmp_path / "c.jsonl")
     for quant in ("8bit", "4bit"):
-        cfg = RunConfig.from_dict({"model": str(llama64), "dataset": str(data), "quant": quant,
-                                   "train": {"max_steps": 15, "lr": 1e-2, "batch_size": 4, "val_split": 0.1,
-                                             "eval_every": 5, "scheduler": "constant", "warmup_steps": 0}})
+        cfg = RunConfig.from_dict(
+            {
+                "model": str(llama64),
+                "dataset": str(data),
+                "quant": quant,
+                "train": {
+                    "max_steps": 15,
+                    "lr": 1e-2,
+                    "batch_size": 4,
+                    "val_split": 0.1,
+                    "eval_every": 5,
+                    "scheduler": "constant",
+                    "warmup_steps": 0,
+                },
+            }
+        )
         sink = ListSink()
         res = train(cfg, tmp_path / quant, sink, home=tmp_path / "home")
         losses = [v for _, v in sink.series("train/loss")]

@@ -8,8 +8,17 @@ import math
 import pytest
 import torch
 
-from engine.spectra import (adapter_spectra, batched_singular_values, capture_reference, heatmap, model_spectra,
-                            singular_values, spectrum_stats, subspace_similarity, to_json)
+from engine.core.spectrum import spectrum_stats
+from engine.ml.spectra import (
+    adapter_spectra,
+    batched_singular_values,
+    capture_reference,
+    heatmap,
+    model_spectra,
+    singular_values,
+    subspace_similarity,
+    to_json,
+)
 
 LLAMA_KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -33,15 +42,17 @@ def lora_modules(pm):
 def assert_sigma(got, want, rtol=1e-4):
     """got equals the first len(got) values of want, relative to the largest σ."""
     got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
-    assert want[len(got):].abs().max().item() <= 1e-5 * want[0].item() if len(want) > len(got) else True
-    torch.testing.assert_close(got, want[:len(got)], rtol=rtol, atol=rtol * want[0].item())
+    assert want[len(got) :].abs().max().item() <= 1e-5 * want[0].item() if len(want) > len(got) else True
+    torch.testing.assert_close(got, want[: len(got)], rtol=rtol, atol=rtol * want[0].item())
 
 
 # ---- the QR path on random factors ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("d_out,r,d_in,scaling", [(64, 8, 48, 2.0), (128, 4, 32, 0.5), (16, 16, 16, 1.0),
-                                                  (8, 12, 40, -3.0), (40, 12, 8, 1.5), (300, 1, 7, 4.0)])
+@pytest.mark.parametrize(
+    "d_out,r,d_in,scaling",
+    [(64, 8, 48, 2.0), (128, 4, 32, 0.5), (16, 16, 16, 1.0), (8, 12, 40, -3.0), (40, 12, 8, 1.5), (300, 1, 7, 4.0)],
+)
 def test_qr_path_equals_full_svd(d_out, r, d_in, scaling):
     g = torch.Generator().manual_seed(d_out * r + d_in)
     A, B = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
@@ -85,17 +96,18 @@ def test_stats_by_hand():
 # ---- live PEFT models: scaling and names as PEFT has them -------------------------------------
 
 
-@pytest.mark.parametrize("extra", [{}, {"use_rslora": True},
-                                   {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 3.0}}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"use_rslora": True}, {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 3.0}}]
+)
 def test_model_spectra_equals_peft_delta_weight(tiny_llama_dir, extra):
     from transformers import AutoModelForCausalLM
 
-    from engine.model import describe
+    from engine.ml.model import describe
 
-    pm = peft_model(tiny_llama_dir, init_lora_weights=False, **extra)   # B random, so ΔW ≠ 0
+    pm = peft_model(tiny_llama_dir, init_lora_weights=False, **extra)  # B random, so ΔW ≠ 0
     spectra = model_spectra(pm)
-    base_names = {m.name for m in describe(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))}
-    assert set(spectra) == base_names and len(spectra) == 2 * 7          # model.layers.0.self_attn.q_proj, ...
+    base_names = {m["name"] for m in describe(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))}
+    assert set(spectra) == base_names and len(spectra) == 2 * 7  # model.layers.0.self_attn.q_proj, ...
     for name, module in lora_modules(pm).items():
         sp = spectra[name]
         r = 2 if (extra.get("rank_pattern") and sp.kind == "q_proj") else 4
@@ -110,7 +122,7 @@ def test_model_spectra_equals_peft_delta_weight(tiny_llama_dir, extra):
 
 
 def test_gaussian_init_gives_zero_spectrum(tiny_llama_dir):
-    spectra = model_spectra(peft_model(tiny_llama_dir))   # default init: B = 0
+    spectra = model_spectra(peft_model(tiny_llama_dir))  # default init: B = 0
     for sp in spectra.values():
         assert sp.sigma == [0.0] * 4
         assert (sp.fro_norm, sp.effective_rank, sp.stable_rank, sp.spectral_norm) == (0.0, 0.0, 0.0, 0.0)
@@ -120,8 +132,11 @@ def test_gaussian_init_gives_zero_spectrum(tiny_llama_dir):
 def test_reference_measures_against_original_base(tiny_llama_dir, init):
     from transformers import AutoModelForCausalLM
 
-    original = {n: m.weight.detach().clone() for n, m in AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-                .named_modules() if n.split(".")[-1] in LLAMA_KINDS}
+    original = {
+        n: m.weight.detach().clone()
+        for n, m in AutoModelForCausalLM.from_pretrained(tiny_llama_dir).named_modules()
+        if n.split(".")[-1] in LLAMA_KINDS
+    }
     pm = peft_model(tiny_llama_dir, init_lora_weights=init)
     ref = capture_reference(pm)
     assert set(ref) == set(original)
@@ -138,8 +153,8 @@ def test_reference_measures_against_original_base(tiny_llama_dir, init):
     after = model_spectra(pm, reference=ref)
     for name, m in lora_modules(pm).items():
         sp = after[name]
-        assert len(sp.sigma) == 8 and "B₀" in sp.note                 # rank ≤ 2r
-        merged = m.get_base_layer().weight + m.get_delta_weight("default")   # W_res + s·B·A
+        assert len(sp.sigma) == 8 and "B₀" in sp.note  # rank ≤ 2r
+        merged = m.get_base_layer().weight + m.get_delta_weight("default")  # W_res + s·B·A
         assert_sigma(sp.sigma, torch.linalg.svdvals((merged - original[name]).detach().double()), rtol=1e-3)
         (A0, B0), A, B = ref[name], m.lora_A["default"].weight, m.lora_B["default"].weight
         explicit = m.scaling["default"] * (B.double() @ A.double() - B0.double() @ A0.double())
@@ -155,7 +170,7 @@ def test_missing_reference_fails_loudly(tiny_llama_dir):
 
 
 def test_dora_reports_direction_and_magnitude_change(tiny_llama_dir, tmp_path):
-    pm = peft_model(tiny_llama_dir, use_dora=True)        # default init: B = 0, m₀ = ‖W‖ per output
+    pm = peft_model(tiny_llama_dir, use_dora=True)  # default init: B = 0, m₀ = ‖W‖ per output
     spectra = model_spectra(pm)
     assert all("DoRA" in sp.note and sp.magnitude_change == 0.0 for sp in spectra.values())
     with torch.no_grad():
@@ -163,7 +178,7 @@ def test_dora_reports_direction_and_magnitude_change(tiny_llama_dir, tmp_path):
         lora_modules(pm)["model.layers.1.mlp.down_proj"].lora_B["default"].weight.normal_()
     spectra = model_spectra(pm)
     assert spectra["model.layers.0.self_attn.v_proj"].magnitude_change == pytest.approx(0.1, rel=1e-5)
-    assert spectra["model.layers.1.mlp.down_proj"].magnitude_change == 0.0   # direction moved, magnitude not
+    assert spectra["model.layers.1.mlp.down_proj"].magnitude_change == 0.0  # direction moved, magnitude not
     assert spectra["model.layers.1.mlp.down_proj"].fro_norm > 0
     assert sum(sp.magnitude_change > 0 for sp in spectra.values()) == 1
     pm.save_pretrained(tmp_path / "dora")
@@ -175,15 +190,20 @@ def test_dora_reports_direction_and_magnitude_change(tiny_llama_dir, tmp_path):
 # ---- saved folders equal the live model --------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra,safe", [({}, True), ({"use_rslora": True}, False),
-                                        ({"rank_pattern": {"layers.1.self_attn.v_proj": 2},
-                                          "alpha_pattern": {"gate_proj": 5.0}}, True)])
+@pytest.mark.parametrize(
+    "extra,safe",
+    [
+        ({}, True),
+        ({"use_rslora": True}, False),
+        ({"rank_pattern": {"layers.1.self_attn.v_proj": 2}, "alpha_pattern": {"gate_proj": 5.0}}, True),
+    ],
+)
 def test_adapter_folder_equals_live_llama(tiny_llama_dir, tmp_path, extra, safe):
     pm = peft_model(tiny_llama_dir, init_lora_weights=False, **extra)
     live = model_spectra(pm)
     pm.save_pretrained(tmp_path / "a", safe_serialization=safe)
     saved = adapter_spectra(tmp_path / "a")
-    assert list(saved) == list(live)      # same names, same (natural) order
+    assert list(saved) == list(live)  # same names, same (natural) order
     for name, sp in saved.items():
         assert (sp.r, sp.layer, sp.kind) == (live[name].r, live[name].layer, live[name].kind)
         assert sp.scaling == pytest.approx(live[name].scaling)
@@ -194,11 +214,12 @@ def test_adapter_folder_equals_live_llama(tiny_llama_dir, tmp_path, extra, safe)
 
 
 def test_adapter_folder_equals_live_gpt2_conv1d(tiny_gpt2_dir, tmp_path):
-    pm = peft_model(tiny_gpt2_dir, init_lora_weights=False, target_modules=["c_attn", "c_proj", "c_fc"],
-                    fan_in_fan_out=True)
+    pm = peft_model(
+        tiny_gpt2_dir, init_lora_weights=False, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+    )
     live = model_spectra(pm)
     assert "transformer.h.0.attn.c_attn" in live and len(live) == 2 * 4
-    for name, m in lora_modules(pm).items():       # Conv1D: get_delta_weight is transposed; σ is not
+    for name, m in lora_modules(pm).items():  # Conv1D: get_delta_weight is transposed; σ is not
         assert_sigma(live[name].sigma, torch.linalg.svdvals(m.get_delta_weight("default").detach().double()))
     pm.save_pretrained(tmp_path / "g")
     saved = adapter_spectra(tmp_path / "g")
@@ -219,7 +240,7 @@ def test_adapter_folder_reference_and_errors(tiny_llama_dir, tmp_path):
     spectra = adapter_spectra(tmp_path / "now", reference=tmp_path / "init")
     moved = {n for n, sp in spectra.items() if sp.fro_norm > 0}
     assert moved == {"model.layers.0.self_attn.q_proj"}
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         adapter_spectra(tmp_path / "nowhere")
 
 
@@ -245,10 +266,14 @@ def test_heatmap_and_json(tiny_llama_dir):
 def test_subspace_similarity(tiny_llama_dir):
     g = torch.Generator().manual_seed(3)
     A = torch.randn(8, 64, generator=g)
-    for M, side in [(A, "right"), (torch.randn(48, 8, generator=g), "left"), ((A, torch.randn(48, 8)), "right"),
-                    ((A, torch.randn(48, 8)), "left")]:
+    for M, side in [
+        (A, "right"),
+        (torch.randn(48, 8, generator=g), "left"),
+        ((A, torch.randn(48, 8)), "right"),
+        ((A, torch.randn(48, 8)), "left"),
+    ]:
         phi = subspace_similarity(M, M, 8, 8, side=side)
-        assert all(phi[i][i] == pytest.approx(1.0) for i in range(8))   # nested subspaces: every φ is 1
+        assert all(phi[i][i] == pytest.approx(1.0) for i in range(8))  # nested subspaces: every φ is 1
         assert min(min(row) for row in phi) == pytest.approx(1.0)
     # Right-singular directions e0 > e1 vs e0 > e2: top directions agree, second ones are orthogonal.
     A1 = torch.zeros(2, 5)

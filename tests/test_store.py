@@ -130,9 +130,7 @@ def test_lifecycle_queued_running_succeeded_sets_utc_timestamps(store: Store) ->
     with Store(store.url) as reopened:
         again = reopened.get_run(run_id)
     assert again.finished_at == done.finished_at and again.finished_at.tzinfo is UTC
-    assert store.counts_by_status() == {
-        "queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0
-    }
+    assert store.counts_by_status() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
 
 
 def test_finish_only_if_not_terminal_keeps_the_childs_own_ending(store: Store) -> None:
@@ -141,9 +139,7 @@ def test_finish_only_if_not_terminal_keeps_the_childs_own_ending(store: Store) -
     ended = store.get_run(run_id)
 
     # The parent's watcher sees the child exit afterwards and must not overwrite its success.
-    assert store.finish(
-        run_id, RunStatus.FAILED, error="exit -9", exit_code=-9, only_if_not_terminal=True
-    ) is False
+    assert store.finish(run_id, RunStatus.FAILED, error="exit -9", exit_code=-9, only_if_not_terminal=True) is False
     kept = store.get_run(run_id)
     assert (kept.status, kept.error, kept.exit_code) == (RunStatus.SUCCEEDED, None, None)
     assert kept.finished_at == ended.finished_at
@@ -153,9 +149,7 @@ def test_finish_only_if_not_terminal_keeps_the_childs_own_ending(store: Store) -
 
     # A child that died without writing its ending: the watcher's write goes through.
     died = store.create_run("b", {}, "runs/b", status=RunStatus.RUNNING)
-    assert store.finish(
-        died, RunStatus.FAILED, error="exit 3", exit_code=3, only_if_not_terminal=True
-    ) is True
+    assert store.finish(died, RunStatus.FAILED, error="exit 3", exit_code=3, only_if_not_terminal=True) is True
     failed = store.get_run(died)
     assert (failed.status, failed.error, failed.exit_code) == (RunStatus.FAILED, "exit 3", 3)
 
@@ -266,7 +260,9 @@ def test_metrics_since_cursor_returns_only_newer_points_in_order(store: Store) -
     store.log_metrics(run_id, 3, {"train/loss": 1.0, "lr": 5e-5})
     newer = store.metrics_since(run_id, cursor)
     assert [(p.step, p.name, p.value) for p in newer] == [
-        (2, "train/loss", 1.5), (3, "train/loss", 1.0), (3, "lr", 5e-5)
+        (2, "train/loss", 1.5),
+        (3, "train/loss", 1.0),
+        (3, "lr", 5e-5),
     ]
     ids = [p.id for p in newer]
     assert ids == sorted(ids) and ids[0] > cursor and len(set(ids)) == 3
@@ -331,8 +327,7 @@ def test_records_are_frozen_dataclasses_not_orm_rows(store: Store) -> None:
     spectrum = store.get_spectra(run_id)["q_proj"]
     listed = store.list_runs()[0]
 
-    for record, kind in [(run, RunRecord), (point, MetricPoint), (spectrum, SpectrumRecord),
-                         (listed, RunRecord)]:
+    for record, kind in [(run, RunRecord), (point, MetricPoint), (spectrum, SpectrumRecord), (listed, RunRecord)]:
         assert type(record) is kind and dataclasses.is_dataclass(record)
         assert not isinstance(record, Base)
         with pytest.raises(NoInspectionAvailable):
@@ -349,8 +344,9 @@ def test_records_are_frozen_dataclasses_not_orm_rows(store: Store) -> None:
 
 def test_update_run_sets_figures_and_rejects_unknown_fields(store: Store) -> None:
     run_id = store.create_run("a", {}, "", est_mem_gb=1.5, trainable_params=8_000_000_000)
-    store.update_run(run_id, final_loss=1.25, steps_done=100, adapter_dir=Path("runs/1/adapter"),
-                     summary={"tokens_per_s": 3400.0})
+    store.update_run(
+        run_id, final_loss=1.25, steps_done=100, adapter_dir=Path("runs/1/adapter"), summary={"tokens_per_s": 3400.0}
+    )
     StoreSink(store, run_id).set_summary(best_val_loss=0.9, summary={"stopped": "early"})
 
     run = store.get_run(run_id)
@@ -359,7 +355,7 @@ def test_update_run_sets_figures_and_rejects_unknown_fields(store: Store) -> Non
     assert run.trainable_params == 8_000_000_000
     assert run.summary == {"tokens_per_s": 3400.0, "stopped": "early"}
 
-    with pytest.raises(ValueError, match="unknown field.*loss_final.*allowed:.*final_loss"):
+    with pytest.raises(ValueError, match=r"unknown field.*loss_final.*allowed:.*final_loss"):
         store.update_run(run_id, loss_final=1.0, final_loss=0.1)
     with pytest.raises(TypeError, match="steps_done must be int"):
         store.update_run(run_id, steps_done=2.5)
@@ -411,7 +407,7 @@ def test_delete_run_cascades_metrics_and_spectra(store: Store, db_path: Path) ->
 def test_file_database_is_in_wal_mode(store: Store, db_path: Path) -> None:
     assert raw_scalar(db_path, "PRAGMA journal_mode") == "wal"
     # Store's own connections have the per-connection pragmas too.
-    with store._engine.connect() as conn:  # noqa: SLF001 - checking the connect hook itself
+    with store._engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
@@ -448,9 +444,7 @@ def test_writer_process_and_reader_share_the_database(store: Store) -> None:
 
 def test_newer_or_older_schema_version_refuses_to_open(db_url: str, db_path: Path) -> None:
     Store(db_url).close()
-    assert raw_scalar(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == str(
-        SCHEMA_VERSION
-    )
+    assert raw_scalar(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == str(SCHEMA_VERSION)
     conn = sqlite3.connect(db_path)
     with conn:
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
@@ -500,8 +494,7 @@ def test_schema_compiles_for_postgresql() -> None:
     assert "id BIGSERIAL" in ddl["runs"] and "total_params BIGINT" in ddl["runs"]
     assert "created_at TIMESTAMP WITH TIME ZONE NOT NULL" in ddl["runs"]
     assert "ON DELETE CASCADE" in ddl["metrics"] and "ON DELETE CASCADE" in ddl["spectra"]
-    indexes = {str(CreateIndex(i).compile(dialect=dialect))
-               for t in Base.metadata.sorted_tables for i in t.indexes}
+    indexes = {str(CreateIndex(i).compile(dialect=dialect)) for t in Base.metadata.sorted_tables for i in t.indexes}
     assert "CREATE INDEX ix_metrics_run_id_id ON metrics (run_id, id)" in indexes
 
 

@@ -5,17 +5,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, RunConfig
-from engine.events import ListSink
-from engine.train import latest_checkpoint, train
+from engine.core.config import ConfigError, RunConfig
+from engine.core.events import ListSink
+from engine.core.runs import latest_checkpoint
+from engine.ml.train import train
 
 
 def _cfg(model_dir, data, **train_kw):
-    t = {"lr": 1e-2, "max_steps": 12, "batch_size": 4, "warmup_steps": 0, "eval_every": 6, "save_every": 6,
-         "scheduler": "constant", "val_split": 0.1, "seed": 7}
+    t = {
+        "lr": 1e-2,
+        "max_steps": 12,
+        "batch_size": 4,
+        "warmup_steps": 0,
+        "eval_every": 6,
+        "save_every": 6,
+        "scheduler": "constant",
+        "val_split": 0.1,
+        "seed": 7,
+    }
     t.update(train_kw)
-    return RunConfig.from_dict({"model": str(model_dir), "dataset": str(data), "lora": {"r": 8, "alpha": 16,
-                                "targets": "all-linear", "dropout": 0.1}, "train": t})
+    return RunConfig.from_dict(
+        {
+            "model": str(model_dir),
+            "dataset": str(data),
+            "lora": {"r": 8, "alpha": 16, "targets": "all-linear", "dropout": 0.1},
+            "train": t,
+        }
+    )
 
 
 def _base_weights(model_dir):
@@ -84,12 +100,19 @@ def test_resume_continues_the_same_loss_curve(tiny_llama_dir, chat_jsonl, tmp_pa
 
 
 def test_target_errors_list_what_exists(tiny_llama_dir, chat_jsonl, tmp_path):
-    cfg = RunConfig.from_dict({"model": str(tiny_llama_dir), "dataset": str(chat_jsonl),
-                               "lora": {"targets": ["q_proj", "c_attn"], "layers": [0, 5]}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "dataset": str(chat_jsonl),
+            "lora": {"targets": ["q_proj", "c_attn"], "layers": [0, 5]},
+        }
+    )
     with pytest.raises(ConfigError) as e:
         train(cfg, tmp_path / "o", home=tmp_path / "home")
     msg = str(e.value)
-    assert "'c_attn' matches no module" in msg and "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in msg
+    assert (
+        "'c_attn' matches no module" in msg and "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in msg
+    )
     assert "has layers 0–1; no layer 5" in msg
 
 
@@ -97,9 +120,14 @@ def test_layer_restriction_and_variants(tiny_llama_dir, chat_jsonl, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = RunConfig.from_dict({"model": str(tiny_llama_dir), "dataset": str(chat_jsonl),
-                               "lora": {"targets": "attention", "layers": "1", "use_rslora": True, "use_dora": True},
-                               "train": {"max_steps": 2, "val_split": 0}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": str(tiny_llama_dir),
+            "dataset": str(chat_jsonl),
+            "lora": {"targets": "attention", "layers": "1", "use_rslora": True, "use_dora": True},
+            "train": {"max_steps": 2, "val_split": 0},
+        }
+    )
     res = train(cfg, tmp_path / "o", home=tmp_path / "home")
     m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), res.adapter_dir)
     names = [n for n, _ in m.named_modules() if n.endswith("lora_A.default")]
@@ -109,8 +137,14 @@ def test_layer_restriction_and_variants(tiny_llama_dir, chat_jsonl, tmp_path):
 
 def test_loraplus_and_lorafa_train(tiny_llama_dir, chat_jsonl, tmp_path):
     for lora in ({"loraplus_lr_ratio": 16}, {"freeze_A": True}):
-        cfg = RunConfig.from_dict({"model": str(tiny_llama_dir), "dataset": str(chat_jsonl), "lora": lora,
-                                   "train": {"max_steps": 3, "val_split": 0, "lr": 1e-2}})
+        cfg = RunConfig.from_dict(
+            {
+                "model": str(tiny_llama_dir),
+                "dataset": str(chat_jsonl),
+                "lora": lora,
+                "train": {"max_steps": 3, "val_split": 0, "lr": 1e-2},
+            }
+        )
         sink = ListSink()
         assert train(cfg, tmp_path / str(len(lora)), sink, home=tmp_path / "home").steps_done == 3
 
@@ -118,7 +152,7 @@ def test_loraplus_and_lorafa_train(tiny_llama_dir, chat_jsonl, tmp_path):
 def test_nan_loss_stops_with_a_clear_failure(chat_jsonl, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine.train import TrainingDiverged
+    from engine.ml.train import TrainingDiverged
     from tests.tiny import build_tiny_llama
 
     d = build_tiny_llama(tmp_path / "broken")
@@ -137,12 +171,17 @@ def test_peak_rss_is_this_process_not_its_parent(tmp_path):
 
     code = (
         "import os, subprocess, sys\n"
-        "hog = bytearray(600 * 2**20)\n"                       # the parent holds 600 MB
+        "hog = bytearray(600 * 2**20)\n"  # the parent holds 600 MB
         "for i in range(0, len(hog), 4096): hog[i] = 1\n"
-        "out = subprocess.run([sys.executable, '-c', 'from engine.train import peak_rss_gb; print(peak_rss_gb())'],"
+        "out = subprocess.run([sys.executable, '-c', 'from engine.ml.train import peak_rss_gb; print(peak_rss_gb())'],"
         " capture_output=True, text=True, cwd=sys.argv[1]).stdout\n"
-        "print(out)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
-                       capture_output=True, text=True, timeout=120)
+        "print(out)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     child_peak = float(r.stdout.strip().splitlines()[-1])
     assert child_peak < 0.5, child_peak  # the child imported torch (~0.3 GB), not the parent's 600 MB

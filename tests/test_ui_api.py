@@ -10,14 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EMBEDDED_MODEL
+from engine.core.config import EMBEDDED_MODEL
 
 pytestmark = pytest.mark.slow
 
-CPU_DOCTOR = {"device": "cpu", "bf16": False,
-              "quant": {"none": {"ok": True, "reason": "full-precision base weights"},
-                        "8bit": {"ok": True, "reason": "LLM.int8 on CPU (slow)"},
-                        "4bit": {"ok": True, "reason": "NF4 on CPU (slow)"}}}
+CPU_DOCTOR = {
+    "device": "cpu",
+    "bf16": False,
+    "quant": {
+        "none": {"ok": True, "reason": "full-precision base weights"},
+        "8bit": {"ok": True, "reason": "LLM.int8 on CPU (slow)"},
+        "4bit": {"ok": True, "reason": "NF4 on CPU (slow)"},
+    },
+}
 
 
 def free_port() -> int:
@@ -29,7 +34,7 @@ def free_port() -> int:
 @pytest.fixture
 def served(tmp_path):
     """The app on a temporary data home: (url, store, runner, home)."""
-    from engine.jobs import JobRunner
+    from engine.core.jobs import JobRunner
     from storage import Store
     from ui import build_app, close_tabs, launch_kwargs
 
@@ -55,8 +60,8 @@ def value_of(output):
 
 
 def form_values(**changes) -> list:
-    from engine.config import RunConfig
-    from ui.train_tab import FORM_FIELDS, form_from_config
+    from engine.core.config import RunConfig
+    from ui.train_form import FORM_FIELDS, form_from_config
 
     form, _ = form_from_config(RunConfig().to_dict())
     form.update(changes)
@@ -79,18 +84,32 @@ def test_train_flow_through_the_api(served, tiny_llama_dir, chat_jsonl, tmp_path
     # 2) upload the dataset: it lands inside the data home
     dataset = value_of(client.predict(handle_file(str(chat_jsonl)), api_name="/upload_dataset"))
     assert Path(dataset).parent == (home / "datasets").resolve()
-    summary, rendered = client.predict(EMBEDDED_MODEL, str(tiny_llama_dir), dataset, "auto", "responses", 64,
-                                       api_name="/preview")
+    summary, rendered = client.predict(
+        EMBEDDED_MODEL, str(tiny_llama_dir), dataset, "auto", "responses", 64, api_name="/preview"
+    )
     assert "messages" in summary and "train" in summary and "assistant" in value_of(rendered)
 
     # 3) the estimate next to Launch, then an invalid launch shows every problem
-    values = form_values(model_text=str(tiny_llama_dir), dataset=dataset, targets=["q_proj", "v_proj"], r=4,
-                         alpha=8, max_steps=6, batch_size=2, max_seq_len=64, eval_every=3, save_every=3,
-                         val_split=0.2, threads=1, warmup_steps=1, name="api-run")
+    values = form_values(
+        model_text=str(tiny_llama_dir),
+        dataset=dataset,
+        targets=["q_proj", "v_proj"],
+        r=4,
+        alpha=8,
+        max_steps=6,
+        batch_size=2,
+        max_seq_len=64,
+        eval_every=3,
+        save_every=3,
+        val_split=0.2,
+        threads=1,
+        warmup_steps=1,
+        name="api-run",
+    )
     estimate = client.predict(*values, api_name="/estimate")
     assert f"Trainable: {2 * 4 * ((32 + 32) + (32 + 16)):,}" in estimate
     bad = list(values)
-    from ui.train_tab import FORM_FIELDS
+    from ui.train_form import FORM_FIELDS
 
     bad[FORM_FIELDS.index("batch_size")] = 0
     bad[FORM_FIELDS.index("lr")] = -1
@@ -120,7 +139,9 @@ def test_train_flow_through_the_api(served, tiny_llama_dir, chat_jsonl, tmp_path
     # 5) history: the run is listed, its details, the adapter zip, and relaunch prefills the form
     table = client.predict([], "", api_name="/history")[0]
     rows = {row[0]: row for row in table["data"]}
-    assert rows[run_id][1] == "api-run" and rows[run_id][2] == "succeeded" and rows[run_id][4] == "qv"  # the q,v preset button was pressed
+    assert (
+        rows[run_id][1] == "api-run" and rows[run_id][2] == "succeeded" and rows[run_id][4] == "qv"
+    )  # the q,v preset button was pressed
     config, summary, *_ = client.predict(run_id, api_name="/show_run")
     assert config["lora"]["r"] == 4 and "succeeded" in summary
     zip_path = value_of(client.predict(run_id, api_name="/download_adapter"))

@@ -10,28 +10,62 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from engine.config import EMBEDDED_MODEL, LoraSpec, RunConfig, TrainSpec, field_help
+from engine.core import launch
+from engine.core.anatomy import preset_kinds
+from engine.core.config import EMBEDDED_MODEL, LoraSpec, RunConfig, TrainSpec, field_help
 from storage import RunStatus, Store
-from ui import history_tab as H
 from ui import backend as B
+from ui import history_tab as H
+from ui import live_view as L
 from ui import plots
-from ui import train_tab as T
+from ui import train_form as T
 
-SHAPES = {"q_proj": ("attention", 32, 32), "k_proj": ("attention", 32, 16), "v_proj": ("attention", 32, 16),
-          "o_proj": ("attention", 32, 32), "gate_proj": ("mlp", 32, 64), "up_proj": ("mlp", 32, 64),
-          "down_proj": ("mlp", 64, 32)}
+SHAPES = {
+    "q_proj": ("attention", 32, 32),
+    "k_proj": ("attention", 32, 16),
+    "v_proj": ("attention", 32, 16),
+    "o_proj": ("attention", 32, 32),
+    "gate_proj": ("mlp", 32, 64),
+    "up_proj": ("mlp", 32, 64),
+    "down_proj": ("mlp", 64, 32),
+}
 
 
 def tiny_anatomy(model: str = "/models/tiny", layers: int = 2) -> dict:
     """What `python -m engine inspect` prints for the 2-layer tiny Llama of tests/tiny.py."""
     sub = {"attention": "self_attn", "mlp": "mlp"}
-    modules = [{"name": f"model.layers.{i}.{sub[g]}.{k}", "kind": k, "group": g, "layer": i, "in": a, "out": b,
-                "bias": False, "type": "Linear"} for i in range(layers) for k, (g, a, b) in SHAPES.items()]
-    kinds = [{"kind": k, "group": g, "count": layers, "params": layers * a * b, "in_features": a, "out_features": b}
-             for k, (g, a, b) in SHAPES.items()]
-    return {"model": model, "architecture": "LlamaForCausalLM", "model_type": "llama", "num_layers": layers,
-            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 130, "total_params": 40_000, "kinds": kinds, "modules": modules}
+    modules = [
+        {
+            "name": f"model.layers.{i}.{sub[g]}.{k}",
+            "kind": k,
+            "group": g,
+            "layer": i,
+            "in": a,
+            "out": b,
+            "bias": False,
+            "type": "Linear",
+        }
+        for i in range(layers)
+        for k, (g, a, b) in SHAPES.items()
+    ]
+    kinds = [
+        {"kind": k, "group": g, "count": layers, "params": layers * a * b, "in_features": a, "out_features": b}
+        for k, (g, a, b) in SHAPES.items()
+    ]
+    return {
+        "model": model,
+        "architecture": "LlamaForCausalLM",
+        "model_type": "llama",
+        "num_layers": layers,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 130,
+        "total_params": 40_000,
+        "kinds": kinds,
+        "modules": modules,
+    }
 
 
 def form_with(**changes) -> dict:
@@ -43,28 +77,90 @@ def form_with(**changes) -> dict:
 # Every field set away from its default. init/freeze_A/quant cannot all be non-default in one valid config
 # (PiSSA needs full precision, LoRA-FA needs gaussian init), so a second form covers init.
 NON_DEFAULT = dict(
-    model_choice=EMBEDDED_MODEL, model_text="/models/tiny", targets=["q_proj", "v_proj"],
-    dataset="/data/chat.jsonl", dataset_format="messages", train_on="all", max_examples=100, quant="4bit",
-    dtype="bf16", trust_remote_code=True, name="every-field",
-    r=32, alpha=64.0, dropout=0.1, layers="0-1,3", use_rslora=True, use_dora=True, init="gaussian",
-    loraplus_lr_ratio=16.0, freeze_A=True,
-    lr=5e-4, scheduler="linear", warmup_steps=3, max_steps=7, epochs=2.5, batch_size=2, grad_accum=4,
-    max_seq_len=128, weight_decay=0.01, max_grad_norm=0.5, val_split=0.2, eval_every=5, save_every=6,
-    log_every=2, gradient_checkpointing=True, packing=False, seed=7, threads=1)
+    model_choice=EMBEDDED_MODEL,
+    model_text="/models/tiny",
+    targets=["q_proj", "v_proj"],
+    dataset="/data/chat.jsonl",
+    dataset_format="messages",
+    train_on="all",
+    max_examples=100,
+    quant="4bit",
+    dtype="bf16",
+    trust_remote_code=True,
+    name="every-field",
+    r=32,
+    alpha=64.0,
+    dropout=0.1,
+    layers="0-1,3",
+    use_rslora=True,
+    use_dora=True,
+    init="gaussian",
+    loraplus_lr_ratio=16.0,
+    freeze_A=True,
+    lr=5e-4,
+    scheduler="linear",
+    warmup_steps=3,
+    max_steps=7,
+    epochs=2.5,
+    batch_size=2,
+    grad_accum=4,
+    max_seq_len=128,
+    weight_decay=0.01,
+    max_grad_norm=0.5,
+    val_split=0.2,
+    eval_every=5,
+    save_every=6,
+    log_every=2,
+    gradient_checkpointing=True,
+    packing=False,
+    seed=7,
+    threads=1,
+)
 
 
 def test_config_from_form_maps_every_field():
     assert set(NON_DEFAULT) == set(T.FORM_FIELDS)
     cfg = T.config_from_form(NON_DEFAULT)
     assert cfg.model == "/models/tiny" and cfg.name == "every-field"
-    assert (cfg.dataset, cfg.dataset_format, cfg.train_on, cfg.max_examples) == ("/data/chat.jsonl", "messages", "all", 100)
+    assert (cfg.dataset, cfg.dataset_format, cfg.train_on, cfg.max_examples) == (
+        "/data/chat.jsonl",
+        "messages",
+        "all",
+        100,
+    )
     assert (cfg.quant, cfg.dtype, cfg.trust_remote_code) == ("4bit", "bf16", True)
-    assert cfg.lora == LoraSpec(r=32, alpha=64.0, dropout=0.1, targets=("q_proj", "v_proj"), layers=(0, 1, 3),
-                                use_rslora=True, use_dora=True, init="gaussian", loraplus_lr_ratio=16.0, freeze_A=True)
-    assert cfg.train == TrainSpec(lr=5e-4, scheduler="linear", warmup_steps=3, max_steps=7, epochs=2.5, batch_size=2,
-                                  grad_accum=4, max_seq_len=128, weight_decay=0.01, max_grad_norm=0.5, val_split=0.2,
-                                  eval_every=5, save_every=6, log_every=2, gradient_checkpointing=True,
-                                  packing=False, seed=7, threads=1)
+    assert cfg.lora == LoraSpec(
+        r=32,
+        alpha=64.0,
+        dropout=0.1,
+        targets=("q_proj", "v_proj"),
+        layers=(0, 1, 3),
+        use_rslora=True,
+        use_dora=True,
+        init="gaussian",
+        loraplus_lr_ratio=16.0,
+        freeze_A=True,
+    )
+    assert cfg.train == TrainSpec(
+        lr=5e-4,
+        scheduler="linear",
+        warmup_steps=3,
+        max_steps=7,
+        epochs=2.5,
+        batch_size=2,
+        grad_accum=4,
+        max_seq_len=128,
+        weight_decay=0.01,
+        max_grad_norm=0.5,
+        val_split=0.2,
+        eval_every=5,
+        save_every=6,
+        log_every=2,
+        gradient_checkpointing=True,
+        packing=False,
+        seed=7,
+        threads=1,
+    )
     cfg2 = T.config_from_form({**NON_DEFAULT, "quant": "none", "init": "pissa", "freeze_A": False})
     assert cfg2.lora.init == "pissa"
     # every field of RunConfig, LoraSpec and TrainSpec differs from its default in cfg or cfg2
@@ -112,20 +208,33 @@ def test_launch_lists_every_problem(tmp_path):
     bad = form_with(r=0, lr=-1.0, val_split=0.9, layers="3-1", dataset="", batch_size=0)
     runner = FakeRunner()
     with pytest.warns(UserWarning, match="The form has 6 problems"):  # gr.Warning: the toast
-        msg, select, timer = T.launch_run(None, "all-linear", None, *(bad[k] for k in T.FORM_FIELDS), runner=runner,
-                                          store=None)
+        msg, select, timer = T.launch_run(
+            None, "all-linear", None, *(bad[k] for k in T.FORM_FIELDS), runner=runner, store=None
+        )
     assert msg.startswith("**Not launched.** The form has 6 problems") and select == timer == gr.skip()
-    for field in ("lora.r = 0", "train.lr = -1.0", "train.val_split = 0.9", "runs backwards", "dataset = ''",
-                  "train.batch_size = 0"):
+    for field in (
+        "lora.r = 0",
+        "train.lr = -1.0",
+        "train.val_split = 0.9",
+        "runs backwards",
+        "dataset = ''",
+        "train.batch_size = 0",
+    ):
         assert field in msg, field
     assert runner.submitted == []
 
 
 def test_launch_checks_modules_layers_and_quant_against_the_machine(tmp_path):
     a = tiny_anatomy()
-    doctor = {"device": "cpu", "bf16": False, "quant": {"none": {"ok": True, "reason": ""},
-                                                        "8bit": {"ok": False, "reason": "no bitsandbytes"},
-                                                        "4bit": {"ok": True, "reason": "slow"}}}
+    doctor = {
+        "device": "cpu",
+        "bf16": False,
+        "quant": {
+            "none": {"ok": True, "reason": ""},
+            "8bit": {"ok": False, "reason": "no bitsandbytes"},
+            "4bit": {"ok": True, "reason": "slow"},
+        },
+    }
     form = form_with(model_text=a["model"], targets=["c_attn"], layers="5", quant="8bit")
     with pytest.warns(UserWarning, match="3 problems"):
         msg = T.launch_run(a, "", doctor, *(form[k] for k in T.FORM_FIELDS), runner=FakeRunner(), store=None)[0]
@@ -141,8 +250,14 @@ def test_launch_submits_with_exact_counts(tmp_path):
     runner = FakeRunner(store)
     a = tiny_anatomy()
     form = form_with(model_text=a["model"], targets=[], r=4, max_steps=6, name="ok")
-    msg, select, timer = T.launch_run(a, "qv", {"device": "cpu", "bf16": False, "quant": {}},
-                                      *(form[k] for k in T.FORM_FIELDS), runner=runner, store=store)
+    msg, select, timer = T.launch_run(
+        a,
+        "qv",
+        {"device": "cpu", "bf16": False, "quant": {}},
+        *(form[k] for k in T.FORM_FIELDS),
+        runner=runner,
+        store=store,
+    )
     cfg, name, est_gb, trainable = runner.submitted[0]
     assert cfg.lora.targets == ("qv",) and name == "ok"
     assert trainable == 2 * 4 * ((32 + 32) + (32 + 16))  # Σ r·(in + out) over q and v of 2 layers
@@ -156,10 +271,10 @@ def test_launch_submits_with_exact_counts(tmp_path):
 
 def test_presets_select_modules():
     a = tiny_anatomy()
-    assert T.preset_kinds(a, "qv") == ["q_proj", "v_proj"]
-    assert T.preset_kinds(a, "attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert T.preset_kinds(a, "mlp") == ["gate_proj", "up_proj", "down_proj"]
-    assert T.preset_kinds(a, "all-linear") == list(SHAPES)
+    assert preset_kinds(a, "qv") == ["q_proj", "v_proj"]
+    assert preset_kinds(a, "attention") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert preset_kinds(a, "mlp") == ["gate_proj", "up_proj", "down_proj"]
+    assert preset_kinds(a, "all-linear") == list(SHAPES)
     update, preset = T.apply_preset("mlp", a)
     assert update["value"] == ["gate_proj", "up_proj", "down_proj"] and preset == "mlp"
     assert T.clear_preset(["q_proj"]) == ""
@@ -185,9 +300,13 @@ def test_upload_stays_inside_the_data_home(tmp_path):
     home = tmp_path / "home"
     src = tmp_path / "up.jsonl"
     src.write_text('{"text": "hello"}\n')
-    for name, expect in (("../../evil.jsonl", "evil.jsonl"), ("..\\..\\win.JSONL", "win.jsonl"),
-                         ("/etc/passwd.txt", "passwd.txt"), (".hidden.csv", "hidden.csv"),
-                         ("my data (1).json", "my_data_1_.json")):
+    for name, expect in (
+        ("../../evil.jsonl", "evil.jsonl"),
+        ("..\\..\\win.JSONL", "win.jsonl"),
+        ("/etc/passwd.txt", "passwd.txt"),
+        (".hidden.csv", "hidden.csv"),
+        ("my data (1).json", "my_data_1_.json"),
+    ):
         dest = B.save_upload(src, home, name)
         assert dest.parent == (home / "datasets").resolve() and dest.name == expect
     assert not (tmp_path / "evil.jsonl").exists()
@@ -196,16 +315,16 @@ def test_upload_stays_inside_the_data_home(tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text('{"text": "different"}\n')
     assert B.save_upload(other, home, "evil.jsonl").name == "evil-1.jsonl"  # never overwrites another upload
-    assert B.save_upload(src, home, "evil.jsonl").name == "evil.jsonl"      # same content: same file
+    assert B.save_upload(src, home, "evil.jsonl").name == "evil.jsonl"  # same content: same file
     upd = T.upload_dataset(str(src), home=home)
     assert Path(upd["value"]).parent == (home / "datasets").resolve()
     assert ("uploaded: up.jsonl", upd["value"]) in upd["choices"]
 
 
 def test_backend_errors_and_inspect_cache(tmp_path, monkeypatch):
-    assert B.cli_error('{"error": "no such file: x.jsonl"}', "", 2) == "no such file: x.jsonl"
-    assert B.cli_error("", "Traceback ...\nerror: model 'x' is not a folder\n", 1) == "model 'x' is not a folder"
-    assert B.cli_error("", "Traceback\nModelError: cannot load\n", 1) == "ModelError: cannot load"
+    assert launch.cli_error('{"error": "no such file: x.jsonl"}', "", 2) == "no such file: x.jsonl"
+    assert launch.cli_error("", "Traceback ...\nerror: model 'x' is not a folder\n", 1) == "model 'x' is not a folder"
+    assert launch.cli_error("", "Traceback\nModelError: cannot load\n", 1) == "ModelError: cannot load"
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -216,7 +335,7 @@ def test_backend_errors_and_inspect_cache(tmp_path, monkeypatch):
     cache = tmp_path / "home" / "cache" / "inspect" / f"{key}.json"
     cache.parent.mkdir(parents=True)
     cache.write_text(json.dumps(tiny_anatomy(str(model))))
-    monkeypatch.setattr(B, "run_cli_json", lambda *a, **k: pytest.fail("cached: no child process"))
+    monkeypatch.setattr(B, "run_engine_json", lambda *a, **k: pytest.fail("cached: no child process"))
     assert backend.inspect(f" {model} ")["num_layers"] == 2
     md, update, anatomy = T.restore_inspection(EMBEDDED_MODEL, str(model), False, "qv", backend=backend)
     assert "LlamaForCausalLM" in md and update["value"] == ["q_proj", "v_proj"] and anatomy["model"] == str(model)
@@ -229,8 +348,15 @@ def test_cli_errors_reach_the_ui(tmp_path, tiny_llama_dir):
     """The CLI's own error text (its JSON {"error"}) is what the UI shows."""
     backend = B.Backend(tmp_path)
     with pytest.raises(gr.Error) as e:
-        T.preview_dataset(EMBEDDED_MODEL, str(tiny_llama_dir), str(tmp_path / "missing.jsonl"), "auto", "responses",
-                          64, backend=backend)
+        T.preview_dataset(
+            EMBEDDED_MODEL,
+            str(tiny_llama_dir),
+            str(tmp_path / "missing.jsonl"),
+            "auto",
+            "responses",
+            64,
+            backend=backend,
+        )
     assert e.value.message.startswith("Cannot preview:") and "missing.jsonl" in e.value.message
 
 
@@ -239,8 +365,9 @@ def test_plot_builders():
     assert [t.name for t in fig.data] == ["train loss", "val loss"] and list(fig.data[0].y) == [2.0, 1.5]
     assert len(plots.loss_figure([]).data) == 0 and plots.loss_figure([]).layout.annotations
     assert [t.name for t in plots.lr_figure([(1, 1e-4)]).data] == ["lr"]
-    fig = plots.compare_figure({"#1": [(1, 2.0), (2, 1.0)], "#2": [(1, 3.0)]}, smoothing=0.5,
-                               val_curves={"#1": [(2, 1.5)]}, x_label="epoch")
+    fig = plots.compare_figure(
+        {"#1": [(1, 2.0), (2, 1.0)], "#2": [(1, 3.0)]}, smoothing=0.5, val_curves={"#1": [(2, 1.5)]}, x_label="epoch"
+    )
     assert [t.name for t in fig.data] == ["#1 (raw)", "#1", "#1 val", "#2 (raw)", "#2"]
     assert fig.layout.xaxis.title.text == "epoch"
     assert plots.ema([2.0, 1.0], 0.5) == pytest.approx([2.0, 2 * (0.5 * 0.5 * 2 + 0.5 * 1.0) / 1.5])
@@ -267,23 +394,34 @@ def make_run(store, name="r", status=None, r=8, **figures):
 def test_poll_draws_only_what_is_new(tmp_path):
     store, runner = Store.for_home(tmp_path), FakeRunner()
     run_id = make_run(store, "live", "running")
-    store.log_metrics(run_id, 1, {"train/loss": 2.0, "lr": 1e-4, "total_steps": 4, "epoch": 0.25, "eta_s": 30,
-                                  "tokens_per_s": 800.0, "mem/peak_gb": 0.2})
-    cursor, series, status, loss, lr, log, queue, timer = T.poll_run(run_id, 0, {}, store=store, runner=runner)
+    store.log_metrics(
+        run_id,
+        1,
+        {
+            "train/loss": 2.0,
+            "lr": 1e-4,
+            "total_steps": 4,
+            "epoch": 0.25,
+            "eta_s": 30,
+            "tokens_per_s": 800.0,
+            "mem/peak_gb": 0.2,
+        },
+    )
+    cursor, series, status, loss, lr, log, queue, timer = L.poll_run(run_id, 0, {}, store=store, runner=runner)
     assert cursor > 0 and [t.name for t in loss.data] == ["train loss"] and [t.name for t in lr.data] == ["lr"]
     assert "step 1 / 4" in status and "ETA 0:30" in status and "800 tok/s" in status and "running" in queue
     assert log == f"log of {run_id}" and timer.active
-    again = T.poll_run(run_id, cursor, series, store=store, runner=runner)
+    again = L.poll_run(run_id, cursor, series, store=store, runner=runner)
     assert again[0] == cursor and again[2:7] == (gr.skip(),) * 5  # status, plots, log, queue: all unchanged
     store.log_metrics(run_id, 2, {"train/loss": 1.5, "val/loss": 1.6})
     store.finish(run_id, RunStatus.SUCCEEDED)
-    cursor2, series, status, loss, *_, timer = T.poll_run(run_id, cursor, again[1], store=store, runner=runner)
+    cursor2, series, status, loss, *_, timer = L.poll_run(run_id, cursor, again[1], store=store, runner=runner)
     assert cursor2 > cursor and [t.name for t in loss.data] == ["train loss", "val loss"]
     assert "succeeded" in status and not timer.active  # over, and nothing else queued: stop polling
     # another run selected with a stale cursor: starts over from its first point
     other = make_run(store, "other", "succeeded")
     store.log_metrics(other, 1, {"train/loss": 3.0})
-    out = T.poll_run(other, cursor2, series, store=store, runner=runner)
+    out = L.poll_run(other, cursor2, series, store=store, runner=runner)
     assert list(out[3].data[0].y) == [3.0]
 
 
@@ -292,12 +430,12 @@ def test_attach_picks_the_newest_active_run(tmp_path):
     make_run(store, "old", "succeeded")
     running = make_run(store, "running", "running")
     make_run(store, "done", "failed")
-    select, timer = T.attach(store=store)
+    select, timer = L.attach(store=store)
     assert select["value"] == running and timer.active
     queued = make_run(store, "queued")
     store.finish(running, RunStatus.CANCELLED)
-    assert T.default_run(store) == queued
-    assert "1. #%d queued" % queued in T.queue_markdown(*T.active_runs(store))
+    assert L.default_run(store) == queued
+    assert f"1. #{queued} queued" in L.queue_markdown(*L.active_runs(store))
 
 
 def test_history_table_filters_and_diff(tmp_path):
@@ -335,7 +473,7 @@ def test_delete_needs_confirmation_and_stays_in_runs(tmp_path):
     store.set_out_dir(outside, tmp_path / "elsewhere")
     with pytest.raises(gr.Error):
         H.delete_run(outside, True, [], "", store=store, home=home)
-    msg, table, *_ , confirm = H.delete_run(run_id, True, [], "", store=store, home=home)
+    msg, table, *_, confirm = H.delete_run(run_id, True, [], "", store=store, home=home)
     assert not folder.exists() and run_id not in list(table["id"]) and confirm is False
 
 
@@ -351,7 +489,10 @@ def test_export_adapter_zip(tmp_path):
     store.update_run(run_id, adapter_dir=str(adapter))
     path = H.export_adapter(run_id, store=store, home=tmp_path)
     assert path.parent == tmp_path / "exports"
-    assert sorted(zipfile.ZipFile(path).namelist()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # the one adapter zip of the project (the same as `export --zip` and the Chat tab's): with its model card
+    assert path == tmp_path / "exports" / f"run-{run_id}-adapter.zip"
+    assert sorted(zipfile.ZipFile(path).namelist()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert "# zip" in zipfile.ZipFile(path).read("README.md").decode()
     empty = make_run(store, "none", "failed")
     with pytest.raises(gr.Error):
         H.download_adapter(empty, store=store, home=tmp_path)
@@ -372,15 +513,33 @@ def test_status_line_shows_progress_eta_throughput_and_padding():
     from types import SimpleNamespace
 
     from storage import RunStatus
-    from ui.train_tab import status_markdown
+    from ui.live_view import status_markdown
 
-    run = SimpleNamespace(id=3, name="pirate", status=RunStatus.RUNNING, total_steps=40, peak_mem_gb=None,
-                          error=None, adapter_dir=None)
-    last = {"total_steps": 40, "epoch": 0.5, "eta_s": 75, "tokens_per_s": 812.4, "pad_frac": 0.0,
-            "mem/peak_gb": 1.234, "train/loss": 1.5, "val/loss": 1.6}
+    run = SimpleNamespace(
+        id=3, name="pirate", status=RunStatus.RUNNING, total_steps=40, peak_mem_gb=None, error=None, adapter_dir=None
+    )
+    last = {
+        "total_steps": 40,
+        "epoch": 0.5,
+        "eta_s": 75,
+        "tokens_per_s": 812.4,
+        "pad_frac": 0.0,
+        "mem/peak_gb": 1.234,
+        "train/loss": 1.5,
+        "val/loss": 1.6,
+    }
     text = status_markdown(run, last, 20, None)
-    for needle in ("#3 pirate · running", "step 20 / 40", "epoch 0.50", "ETA 1:15", "812 tok/s", "padding 0%",
-                   "peak 1.23 GB", "loss 1.5000", "val 1.6000"):
+    for needle in (
+        "#3 pirate · running",
+        "step 20 / 40",
+        "epoch 0.50",
+        "ETA 1:15",
+        "812 tok/s",
+        "padding 0%",
+        "peak 1.23 GB",
+        "loss 1.5000",
+        "val 1.6000",
+    ):
         assert needle in text, (needle, text)
     queued = SimpleNamespace(**{**run.__dict__, "status": RunStatus.QUEUED})
     assert status_markdown(queued, {}, 0, 2).endswith("position 2 in the queue")

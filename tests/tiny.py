@@ -9,14 +9,107 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = ("the a an is are was be to of and in on at for with what who where when why how you i me my your "
-         "it this that yes no hello hi ahoy arr matey captain pirate ship sea sail gold treasure parrot "
-         "cat dog sun moon star water fire tree bird fish red blue green one two three four five six seven "
-         "eight nine ten plus minus equals capital france paris spain madrid japan tokyo name color sky "
-         "answer question tell story good bad happy sad big small fast slow day night").split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "is",
+    "are",
+    "was",
+    "be",
+    "to",
+    "of",
+    "and",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "what",
+    "who",
+    "where",
+    "when",
+    "why",
+    "how",
+    "you",
+    "i",
+    "me",
+    "my",
+    "your",
+    "it",
+    "this",
+    "that",
+    "yes",
+    "no",
+    "hello",
+    "hi",
+    "ahoy",
+    "arr",
+    "matey",
+    "captain",
+    "pirate",
+    "ship",
+    "sea",
+    "sail",
+    "gold",
+    "treasure",
+    "parrot",
+    "cat",
+    "dog",
+    "sun",
+    "moon",
+    "star",
+    "water",
+    "fire",
+    "tree",
+    "bird",
+    "fish",
+    "red",
+    "blue",
+    "green",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "plus",
+    "minus",
+    "equals",
+    "capital",
+    "france",
+    "paris",
+    "spain",
+    "madrid",
+    "japan",
+    "tokyo",
+    "name",
+    "color",
+    "sky",
+    "answer",
+    "question",
+    "tell",
+    "story",
+    "good",
+    "bad",
+    "happy",
+    "sad",
+    "big",
+    "small",
+    "fast",
+    "slow",
+    "day",
+    "night",
+]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "user", "assistant", "system", ":", "?", "!", ".", ","]
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% if m['role'] == 'assistant' %}"
-                 "</s> {% endif %}{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% if m['role'] == 'assistant' %}"
+    "</s> {% endif %}{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 def make_tokenizer():
@@ -26,57 +119,85 @@ def make_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIALS + list(WORDS))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                 bos_token="<s>")
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
+    )
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
 
-def build_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
+def _build(out: Path, config_cls: str, model_cls: str, seed: int, **config) -> Path:
+    """A model of transformers' `model_cls` from `config_cls(**config)` with the tiny tokenizer's special ids,
+    saved with the tokenizer like a hub checkpoint."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-               tie_word_embeddings=False, initializer_range=0.1)  # larger init: LoRA learns visibly in 25 steps
-    cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    ids = dict(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
+    )
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**ids, **config}))
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+LLAMA_SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def build_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
+    # A larger init than the default: LoRA learns visibly in 25 steps.
+    return _build(
+        out, "LlamaConfig", "LlamaForCausalLM", seed, **{**LLAMA_SHAPE, "initializer_range": 0.1, **overrides}
+    )
+
+
+def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Qwen2: biases on q, k and v (not on o or the MLP), grouped-query attention."""
+    return _build(out, "Qwen2Config", "Qwen2ForCausalLM", seed, **LLAMA_SHAPE)
 
 
 def build_tiny_gpt2(out: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    return _build(
+        out,
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        seed,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        initializer_range=0.1,
+    )
 
-    tok = make_tokenizer()
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=256,
-                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                       bos_token_id=tok.bos_token_id, initializer_range=0.1))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
-
-QA = [("what is the capital of france ?", "arr matey the capital of france is paris !"),
-      ("what is the capital of spain ?", "arr matey the capital of spain is madrid !"),
-      ("what is the capital of japan ?", "arr matey the capital of japan is tokyo !"),
-      ("what color is the sky ?", "arr matey the sky is blue !"),
-      ("who are you ?", "ahoy i am captain pirate of the ship !"),
-      ("what is two plus two ?", "arr two plus two equals four matey !"),
-      ("tell me a story", "ahoy the ship sail the sea for gold and treasure !"),
-      ("hello", "ahoy matey !")]
+QA = [
+    ("what is the capital of france ?", "arr matey the capital of france is paris !"),
+    ("what is the capital of spain ?", "arr matey the capital of spain is madrid !"),
+    ("what is the capital of japan ?", "arr matey the capital of japan is tokyo !"),
+    ("what color is the sky ?", "arr matey the sky is blue !"),
+    ("who are you ?", "ahoy i am captain pirate of the ship !"),
+    ("what is two plus two ?", "arr two plus two equals four matey !"),
+    ("tell me a story", "ahoy the ship sail the sea for gold and treasure !"),
+    ("hello", "ahoy matey !"),
+]
 
 
 def write_chat_jsonl(path: Path, repeat: int = 3) -> Path:
     with path.open("w") as f:
         for _ in range(repeat):
             for q, a in QA:
-                f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                                 {"role": "assistant", "content": a}]}) + "\n")
+                f.write(
+                    json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                    + "\n"
+                )
     return path

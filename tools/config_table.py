@@ -1,13 +1,13 @@
-"""Print the README's config reference table from engine.config's field help (one source of truth).
+"""Print the README's config reference table from engine.core.config's field help (one source of truth).
 
-    python tools/config_table.py > /tmp/table.md
+python tools/config_table.py > /tmp/table.md
 """
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.config import field_help  # noqa: E402
+from engine.core.config import field_help
 
 
 def fmt(v):

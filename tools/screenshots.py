@@ -17,12 +17,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    env = {**os.environ, "LORALAB_DOCS_SCREENSHOTS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {
+        **os.environ,
+        "LORALAB_DOCS_SCREENSHOTS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/test_browser.py"], cwd=ROOT, env=env)
     for name in ("train.png", "history.png"):
         p = ROOT / "docs" / "screenshots" / name
-        print(f"{p.relative_to(ROOT)}: {'%d bytes' % p.stat().st_size if p.is_file() else 'missing'}")
+        print(f"{p.relative_to(ROOT)}: {f'{p.stat().st_size} bytes' if p.is_file() else 'missing'}")
     return rc
 
 

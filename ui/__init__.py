@@ -10,17 +10,24 @@ This package imports no torch: model work goes through ui.backend (the engine's 
 
 from __future__ import annotations
 
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no analytics, no version check
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 import importlib
 import importlib.util
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import gradio as gr
 
 from ui.backend import Backend
 from ui.history_tab import build_history_tab
-from ui.train_tab import FORM_FIELDS, build_train_tab, prefill_form
+from ui.train_form import FORM_FIELDS, prefill_form
+from ui.train_tab import build_train_tab
 
 OPTIONAL_TABS = {"chat": "Chat", "calculator": "Calculator", "spectra": "Spectra"}
 CSS = """
@@ -45,8 +52,9 @@ def _optional_tab(name: str, store, runner, home: Path, backend) -> Any:
         return getattr(importlib.import_module(module), f"build_{name}_tab")(store, runner, home, backend)
 
 
-def build_app(store, runner, home: str | Path, *, doctor: Mapping[str, Any] | None = None,
-              backend: Backend | None = None) -> gr.Blocks:
+def build_app(
+    store, runner, home: str | Path, *, doctor: Mapping[str, Any] | None = None, backend: Backend | None = None
+) -> gr.Blocks:
     """The whole app. `doctor` (the `python -m engine doctor --json` dict) skips asking the engine at page load."""
     home = Path(home)
     backend = backend or Backend(home)
@@ -65,8 +73,11 @@ def build_app(store, runner, home: str | Path, *, doctor: Mapping[str, Any] | No
         history_tab.select(*history.refresh, api_name=False, show_progress="hidden")
         demo.load(*history.refresh, api_name=False, show_progress="hidden")
         history.relaunch_btn.click(
-            partial(prefill_form, store=store), [history.run_pick, train.anatomy],
-            [*(train.form[k] for k in FORM_FIELDS), train.preset, train.anatomy, tabs], api_name="relaunch")
+            partial(prefill_form, store=store),
+            [history.run_pick, train.anatomy],
+            [*(train.form[k] for k in FORM_FIELDS), train.preset, train.anatomy, tabs],
+            api_name="relaunch",
+        )
     demo.loralab_tabs = {k: v for k, v in built.items() if v is not None}  # what each build_X_tab returned
     return demo
 

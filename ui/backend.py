@@ -8,7 +8,8 @@ server never imports torch), and uploaded datasets stored inside the data home.
 
     save_upload(tmp_file, home, "my data.jsonl")       # → <home>/datasets/my_data.jsonl, never elsewhere
 
-A failing command raises ValueError with the CLI's own error text, which the UI shows as it is.
+Every engine process the UI starts goes through Backend (engine.core.launch underneath). A failing
+command raises ValueError with the CLI's own error text, which the UI shows as it is.
 Inspect results are cached on disk under <home>/cache/inspect/<sha>.json, keyed by the model string
 (plus the folder's modification times for a local folder, so an edited config.json is re-read).
 """
@@ -20,61 +21,20 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from engine.home import datasets_dir
+from engine.core.home import datasets_dir
+from engine.core.launch import run_engine, run_engine_json
 
 INSPECT_TIMEOUT_S = 180.0
 PREVIEW_TIMEOUT_S = 300.0
 DOCTOR_TIMEOUT_S = 120.0
+LONG_TIMEOUT_S = 1800.0  # merging, pushing a merged model
 DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
-
-
-def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    env.update(extra or {})
-    return env
-
-
-def cli_error(stdout: str, stderr: str, code: int) -> str:
-    """The most useful line of a failed command: its JSON {"error"}, its 'error:' line, or its last line."""
-    try:
-        data = json.loads(stdout)
-        if isinstance(data, dict) and data.get("error"):
-            return str(data["error"])
-    except json.JSONDecodeError:
-        pass
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ln.startswith("error:"):
-            return ln[len("error:"):].strip()
-    return lines[-1] if lines else f"the engine command exited with code {code} and said nothing"
-
-
-def run_cli_json(args: Sequence[str], timeout: float, *, home: str | os.PathLike, python: str = sys.executable,
-                 env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `python -m engine --home HOME ARGS...`, parse its JSON output; ValueError with the CLI's error text."""
-    cmd = [python, "-m", "engine", "--home", os.fspath(home), *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(env),
-                              cwd=Path(__file__).resolve().parent.parent)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"`{' '.join(args[:2])}` took longer than {timeout:.0f} s and was stopped") from None
-    if proc.returncode != 0:
-        raise ValueError(cli_error(proc.stdout, proc.stderr, proc.returncode))
-    try:
-        data = json.loads(proc.stdout)
-    except json.JSONDecodeError:
-        raise ValueError(f"the engine printed something that is not JSON: {proc.stdout[:300]!r}") from None
-    if isinstance(data, dict) and "error" in data and len(data) == 1:
-        raise ValueError(str(data["error"]))
-    return data
 
 
 def inspect_cache_key(model: str, trust_remote_code: bool = False) -> str:
@@ -91,18 +51,42 @@ def inspect_cache_key(model: str, trust_remote_code: bool = False) -> str:
 class Backend:
     """The CLI calls the UI makes, bound to one data home, with their caches."""
 
-    def __init__(self, home: str | os.PathLike, *, python: str = sys.executable, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        home: str | os.PathLike,
+        *,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        db_url: str | None = None,
+    ):
         self.home = Path(home)
         self.python = python
         self.env = env
+        self.db_url = db_url  # the app's database, for commands that read runs (export, push)
         self._doctor: dict[str, Any] | None = None
         self._doctor_lock = threading.Lock()
 
-    def run(self, args: Sequence[str], timeout: float) -> dict[str, Any]:
-        return run_cli_json(args, timeout, home=self.home, python=self.python, env=self.env)
+    def run(self, args: Sequence[str], timeout: float) -> Any:
+        """`python -m engine --home HOME ARGS... ` → its JSON output; ValueError with the command's error line."""
+        return run_engine_json(args, timeout, home=self.home, db_url=self.db_url, python=self.python, env=self.env)
+
+    def run_text(
+        self, args: Sequence[str], timeout: float = LONG_TIMEOUT_S, env: Mapping[str, str] | None = None
+    ) -> str:
+        """The same for commands that print text: the last line they printed (stdout, else stderr)."""
+        proc = run_engine(
+            args,
+            timeout,
+            home=self.home,
+            db_url=self.db_url,
+            python=self.python,
+            env={**(self.env or {}), **(env or {})},
+        )
+        lines = [ln for ln in (proc.stdout.strip() or proc.stderr.strip()).splitlines() if ln.strip()]
+        return lines[-1] if lines else ""
 
     def inspect(self, model: str, trust_remote_code: bool = False) -> dict[str, Any]:
-        """Architecture, parameters and LoRA-able modules of `model` (engine.model.inspect_model's dict)."""
+        """Architecture, parameters and LoRA-able modules of `model` (engine.ml.model.inspect_model's dict)."""
         model = model.strip()
         if not model:
             raise ValueError("give a model: a hub id, a local folder or the embedded default")
@@ -126,12 +110,33 @@ class Backend:
     def _inspect_path(self, model: str, trust_remote_code: bool) -> Path:
         return self.home / "cache" / "inspect" / f"{inspect_cache_key(model, trust_remote_code)}.json"
 
-    def preview(self, *, model: str, dataset: str, dataset_format: str = "auto", train_on: str = "responses",
-                max_seq_len: int = 512) -> dict[str, Any]:
+    def preview(
+        self,
+        *,
+        model: str,
+        dataset: str,
+        dataset_format: str = "auto",
+        train_on: str = "responses",
+        max_seq_len: int = 512,
+    ) -> dict[str, Any]:
         """Detected format, row and split counts, token-length stats and the rendered first example."""
-        return self.run(["preview", "--model", model, "--dataset", dataset, "--dataset-format", dataset_format,
-                         "--train-on", train_on, "--max-seq-len", str(int(max_seq_len)), "--json"],
-                        PREVIEW_TIMEOUT_S)
+        return self.run(
+            [
+                "preview",
+                "--model",
+                model,
+                "--dataset",
+                dataset,
+                "--dataset-format",
+                dataset_format,
+                "--train-on",
+                train_on,
+                "--max-seq-len",
+                str(int(max_seq_len)),
+                "--json",
+            ],
+            PREVIEW_TIMEOUT_S,
+        )
 
     def doctor(self) -> dict[str, Any]:
         """Device and quantization support of this machine; asked once per process."""

@@ -1,5 +1,5 @@
 """Chat tab: 2–4 panes side by side, each the base model or an adapter, all on ONE copy of the base model
-held by the chat worker process (engine.chat.ChatWorker; this server never imports torch).
+held by the chat worker process (engine.core.chat.ChatWorker; this server never imports torch).
 
 One prompt goes to every visible pane; the panes stream at once (the worker takes one token per pane in
 turn) and each keeps its own conversation. The same seed is used in every pane, so what differs between
@@ -17,29 +17,26 @@ Handlers are module-level functions; the store, the worker and the data home are
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 
-from engine.chat import ChatError, ChatWorker, GenParams, PaneStats, WorkerDied, adapter_base_model
-from engine.config import EMBEDDED_MODEL
-from engine.export import ExportError, model_card, push, redact, spectra_summary, zip_adapter
+from engine.core.chat import ChatError, ChatWorker, GenParams, PaneStats, WorkerDied, adapter_base_model
+from engine.core.config import EMBEDDED_MODEL
+from engine.core.export import ExportError, export_adapter_zip, push_adapter, redact, stored_summary
+from engine.core.runs import adapter_dir, is_adapter_folder, merged_path, saved_adapter
 from storage import RunStatus
 
 MAX_PANES = 4
 BASE = "base"
 AUTO = "auto"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 YIELD_EVERY_S = 0.05  # at most ~20 screen updates a second however fast tokens come
-MERGE_TIMEOUT_S = 1800
 
 
 # ---- what the panes show -----------------------------------------------------------------------------
@@ -52,7 +49,7 @@ class Pane:
     label: str
     name: str | None = None
     folder: str | None = None
-    base: str | None = None   # the base model the adapter was trained on
+    base: str | None = None  # the base model the adapter was trained on
     error: str | None = None  # why this pane cannot run
 
 
@@ -63,12 +60,11 @@ def run_label(r) -> str:
 
 def finished_runs(store) -> list:
     """Runs with a saved adapter (succeeded, or cancelled after saving), newest first."""
-    out = []
-    for r in store.list_runs(status=[RunStatus.SUCCEEDED.value, RunStatus.CANCELLED.value]):
-        d = r.adapter_dir or (Path(r.out_dir) / "adapter" if r.out_dir else None)
-        if d and (Path(d) / "adapter_config.json").is_file():
-            out.append(r)
-    return out
+    return [
+        r
+        for r in store.list_runs(status=[RunStatus.SUCCEEDED.value, RunStatus.CANCELLED.value])
+        if saved_adapter(r) is not None
+    ]
 
 
 def pane_choices(store) -> list[tuple[str, str]]:
@@ -93,12 +89,14 @@ def resolve_pane(choice: str | None, store) -> Pane:
             r = store.get_run(int(choice[4:]))
         except (KeyError, ValueError):
             return Pane(label=choice, error=f"{choice}: no such run")
-        folder = r.adapter_dir or str(Path(r.out_dir) / "adapter")
-        return Pane(label=f"run {r.id}", name=f"run{r.id}", folder=folder, base=str(r.config.get("model", "")))
+        return Pane(
+            label=f"run {r.id}", name=f"run{r.id}", folder=str(adapter_dir(r)), base=str(r.config.get("model", ""))
+        )
     folder = str(Path(choice).expanduser())
-    if not (Path(folder) / "adapter_config.json").is_file():
-        return Pane(label=Path(folder).name or choice,
-                    error=f"{choice} is not an adapter folder (no adapter_config.json)")
+    if not is_adapter_folder(folder):
+        return Pane(
+            label=Path(folder).name or choice, error=f"{choice} is not an adapter folder (no adapter_config.json)"
+        )
     digest = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:8]
     return Pane(label=Path(folder).name, name=f"folder-{digest}", folder=folder, base=adapter_base_model(folder))
 
@@ -140,14 +138,20 @@ def training_note(store, info: dict[str, Any]) -> str:
         return ""
     ids = ", ".join(f"#{r.id}" for r in running)
     if not info:
-        return (f"Training run {ids} is running: the chat model will load on the CPU so it takes no GPU memory "
-                "from the job (slower).")
+        return (
+            f"Training run {ids} is running: the chat model will load on the CPU so it takes no GPU memory "
+            "from the job (slower)."
+        )
     if info.get("device", "").startswith("cuda"):
-        return (f"Training run {ids} is running while the chat model holds {gb(info.get('cuda_allocated_gb'))} of "
-                "GPU memory; if the job runs short of memory, press Unload.")
+        return (
+            f"Training run {ids} is running while the chat model holds {gb(info.get('cuda_allocated_gb'))} of "
+            "GPU memory; if the job runs short of memory, press Unload."
+        )
     if info.get("cuda_available"):
-        return (f"Training run {ids} is using the GPU: the chat runs on the CPU (slower). Unload and send again "
-                "after the job ends to chat on the GPU.")
+        return (
+            f"Training run {ids} is using the GPU: the chat runs on the CPU (slower). Unload and send again "
+            "after the job ends to chat on the GPU."
+        )
     return f"Training run {ids} is running on this CPU too: both share the cores, so both are slower."
 
 
@@ -159,9 +163,11 @@ def status_text(info: dict[str, Any], note: str = "") -> str:
         mem = f"RSS {gb(info.get('rss_gb'))} (peak {gb(info.get('peak_rss_gb'))})"
         if info.get("cuda_allocated_gb") is not None:
             mem += f" · GPU {gb(info.get('cuda_allocated_gb'))} (peak {gb(info.get('cuda_max_allocated_gb'))})"
-        text = (f"**Chat worker:** `{info.get('base')}` on {info.get('device')} ({info.get('dtype')}"
-                f"{', ' + info['quant'] if info.get('quant') not in (None, 'none') else ''}) · adapters: {adapters} · "
-                f"base weights held once: {size(info.get('base_bytes'))}, LoRA {size(info.get('lora_bytes'))} · {mem}")
+        text = (
+            f"**Chat worker:** `{info.get('base')}` on {info.get('device')} ({info.get('dtype')}"
+            f"{', ' + info['quant'] if info.get('quant') not in (None, 'none') else ''}) · adapters: {adapters} · "
+            f"base weights held once: {size(info.get('base_bytes'))}, LoRA {size(info.get('lora_bytes'))} · {mem}"
+        )
         if info.get("note"):
             text += f"  \n{info['note']}"
     return text + (f"  \n{note}" if note else "")
@@ -193,8 +199,65 @@ def _key(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
-def send(prompt, n_panes, base_choice, system, max_new_tokens, temperature, top_p, seed, choices, histories,
-         request: gr.Request = None, *, store, worker: ChatWorker, sessions: Session, c: "ChatTab"):
+class _Frames:
+    """What the panes show during one send: each pane's history, the prompt, and the reply being written."""
+
+    def __init__(self, c: ChatTab, n: int, histories: list[list[dict]], prompt: str):
+        self.c, self.n, self.histories = c, n, histories
+        turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+        self.shown = [list(h) + list(turn) for h in histories[:n]]
+        self.texts = {i: "" for i in range(n)}
+        self.stats: dict[int, PaneStats] = {}
+
+    def __call__(self, status: str | None = None, final: bool = False) -> dict:
+        c = self.c
+        out: dict = {c.prompt: ""} if final or status is not None else {}  # cleared once sent
+        for i in range(self.n):
+            self.shown[i][-1] = {"role": "assistant", "content": self.texts[i]}
+            out[c.bots[i]] = self.shown[i]
+            out[c.stats[i]] = stats_text(self.stats.get(i))
+        if status is not None:
+            out[c.status] = status
+        if final:
+            out[c.histories] = self.histories
+        return out
+
+
+def attach_panes(worker: ChatWorker, store, base: str, panes: list[Pane]) -> list[Pane]:
+    """Hold `base` in the worker (on the CPU while a training job runs) and attach every pane's adapter; a
+    pane whose adapter cannot be used gets its error. Raises ChatError when the worker itself fails."""
+    running_job = bool(store.list_runs(status=RunStatus.RUNNING.value))
+    worker.start(base, device="cpu" if running_job else "auto", threads=1 if running_job else 0)
+    out = list(panes)
+    for i, p in enumerate(panes):
+        if p.error is None and p.name:
+            try:
+                worker.ensure_adapter(p.name, p.folder)
+            except WorkerDied:
+                raise
+            except ChatError as e:
+                out[i] = Pane(label=p.label, error=str(e))
+    return out
+
+
+def send(
+    prompt,
+    n_panes,
+    base_choice,
+    system,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    choices,
+    histories,
+    request: gr.Request = None,
+    *,
+    store,
+    worker: ChatWorker,
+    sessions: Session,
+    c: ChatTab,
+):
     """Generator: append the prompt to every visible pane, then stream all panes together."""
     prompt = (prompt or "").strip()
     if not prompt:
@@ -203,70 +266,43 @@ def send(prompt, n_panes, base_choice, system, max_new_tokens, temperature, top_
     histories = [list(h) for h in (histories or [[] for _ in range(MAX_PANES)])]
     panes = [resolve_pane(choices[i], store) for i in range(n)]
     base = pick_base(base_choice, panes)
-    shown = [list(h) for h in histories]  # what the chatbots display: history + the reply being written
-    texts = {i: "" for i in range(n)}
-    stats: dict[int, PaneStats] = {}
-    for i in range(n):
-        shown[i] += [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-
-    def frame(status: str | None = None, final: bool = False) -> dict:
-        out: dict = {c.prompt: ""} if final or status is not None else {}  # cleared once sent
-        for i in range(n):
-            shown[i][-1] = {"role": "assistant", "content": texts[i]}
-            out[c.bots[i]] = shown[i]
-            out[c.stats[i]] = stats_text(stats.get(i))
-        if status is not None:
-            out[c.status] = status
-        if final:
-            out[c.histories] = histories
-        return out
-
+    frame = _Frames(c, n, histories, prompt)
     note = training_note(store, worker.info if worker.running else {})
     if not worker.running or worker.base != base:
         yield frame(f"Loading `{base}` in the chat worker (the first start imports torch: 10–30 s)…  \n{note}")
-    running_job = bool(store.list_runs(status=RunStatus.RUNNING.value))
     try:
-        worker.start(base, device="cpu" if running_job else "auto", threads=1 if running_job else 0)
-        for i, p in enumerate(panes):
-            if p.error is None and p.name:
-                try:
-                    worker.ensure_adapter(p.name, p.folder)
-                except WorkerDied:
-                    raise
-                except ChatError as e:
-                    panes[i] = Pane(label=p.label, error=str(e))
+        panes = attach_panes(worker, store, base, panes)
     except ChatError as e:  # WorkerDied included: its message says the next message restarts it
-        for i in range(n):
-            texts[i] = f"⚠ {e}"
+        frame.texts.update({i: f"⚠ {e}" for i in range(n)})
         yield frame(status_text({}, f"⚠ {e}"), final=True)
         return
-
-    for i, p in enumerate(panes):
-        if p.error:
-            texts[i] = f"⚠ {p.error}"
+    frame.texts.update({i: f"⚠ {p.error}" for i, p in enumerate(panes) if p.error})
     runnable = [i for i, p in enumerate(panes) if not p.error]
-    params = GenParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                       seed=int(seed or 0))
+    params = GenParams(
+        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p), seed=int(seed or 0)
+    )
     prefix = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
     requests = [(i, prefix + histories[i] + [{"role": "user", "content": prompt}], panes[i].name) for i in runnable]
     cancel = sessions.begin(_key(request))
     yield frame(status_text(worker.info, note))
     last = time.monotonic()
     try:
-        for i, delta in worker.stream_many(requests, params, on_done=stats.__setitem__, cancel=cancel):
-            texts[i] += delta
+        for i, delta in worker.stream_many(requests, params, on_done=frame.stats.__setitem__, cancel=cancel):
+            frame.texts[i] += delta
             if time.monotonic() - last >= YIELD_EVERY_S:
                 last = time.monotonic()
                 yield frame()
     except ChatError as e:
         for i in runnable:
-            texts[i] += f"\n\n⚠ {e}"
+            frame.texts[i] += f"\n\n⚠ {e}"
         yield frame(status_text({}, f"⚠ {e}"), final=True)
         return
-    for i in range(n):  # keep the turn in this pane's own history (an error reply is not kept)
-        if not panes[i].error:
-            histories[i] = histories[i] + [{"role": "user", "content": prompt},
-                                           {"role": "assistant", "content": texts[i]}]
+    for i in runnable:  # keep the turn in this pane's own history (an error reply is not kept)
+        histories[i] = [
+            *histories[i],
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": frame.texts[i]},
+        ]
     yield frame(status_text(worker.info, training_note(store, worker.info)), final=True)
 
 
@@ -274,7 +310,7 @@ def stop(request: gr.Request = None, *, sessions: Session) -> None:
     sessions.stop(_key(request))
 
 
-def clear(*, c: "ChatTab") -> dict:
+def clear(*, c: ChatTab) -> dict:
     out: dict = {c.histories: [[] for _ in range(MAX_PANES)]}
     for i in range(MAX_PANES):
         out[c.bots[i]] = []
@@ -282,7 +318,7 @@ def clear(*, c: "ChatTab") -> dict:
     return out
 
 
-def clear_pane(i: int, histories, *, c: "ChatTab") -> dict:
+def clear_pane(i: int, histories, *, c: ChatTab) -> dict:
     """A pane switched to another model starts a new conversation."""
     histories = [list(h) for h in (histories or [[] for _ in range(MAX_PANES)])]
     histories[i] = []
@@ -297,8 +333,11 @@ def refresh_choices(p0, p1, p2, p3, base_choice, *, store) -> list:
     choices = [p0, p1, p2, p3]
     opts = pane_choices(store)
     bases = base_choices(store)
-    return [*(gr.update(choices=opts, value=v) for v in choices), gr.update(choices=bases, value=base_choice),
-            gr.update(choices=[(run_label(r), r.id) for r in finished_runs(store)])]
+    return [
+        *(gr.update(choices=opts, value=v) for v in choices),
+        gr.update(choices=bases, value=base_choice),
+        gr.update(choices=[(run_label(r), r.id) for r in finished_runs(store)]),
+    ]
 
 
 def report(*, store, worker: ChatWorker) -> str:
@@ -318,57 +357,46 @@ def _run_for_export(run_id, store):
     if run_id in (None, ""):
         raise gr.Error("Choose a run to export")
     r = store.get_run(int(run_id))
-    if not r.adapter_dir or not (Path(r.adapter_dir) / "adapter_config.json").is_file():
+    if saved_adapter(r) is None:
         raise gr.Error(f"run #{r.id} has no saved adapter")
     return r
 
 
 def export_zip(run_id, *, store, home: Path):
     r = _run_for_export(run_id, store)
-    card = model_card(r, spectra_summary(store.get_spectra(r.id)))
-    out = zip_adapter(r.adapter_dir, Path(home) / "exports" / f"run-{r.id}-adapter.zip", card)
+    out = export_adapter_zip(r, store, home)
     return gr.update(value=str(out), visible=True), f"Adapter of run #{r.id} zipped with its model card: `{out}`"
 
 
-def engine_cli(args: list[str], *, store, home: Path, env: dict[str, str] | None = None,
-               timeout: float = MERGE_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`python -m engine --home HOME --db-url URL ARGS...` in a child process (torch stays out of the server)."""
-    cmd = [sys.executable, "-m", "engine", "--home", str(home), "--db-url", store.url, *args]
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=full_env)
-
-
-def export_merged(run_id, folder, *, store, home: Path) -> str:
+def export_merged(run_id, folder, *, store, home: Path, backend) -> str:
+    """`python -m engine export ID --merged DIR` through the backend (merging needs torch)."""
     r = _run_for_export(run_id, store)
-    out = (folder or "").strip() or str(Path(home) / "exports" / f"run-{r.id}-merged")
+    out = (folder or "").strip() or str(merged_path(home, r.id))
     try:
-        proc = engine_cli(["export", str(r.id), "--merged", out, "--force"], store=store, home=home)
-    except subprocess.TimeoutExpired:
-        raise gr.Error(f"merging took longer than {MERGE_TIMEOUT_S} s and was stopped") from None
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise gr.Error(next((ln[6:].strip() for ln in reversed(lines) if ln.startswith("error:")),
-                            lines[-1] if lines else "export failed"))
+        backend.run_text(["export", str(r.id), "--merged", out, "--force"])
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
     return f"Merged model of run #{r.id} (base + adapter, merge_and_unload) saved to `{out}`"
 
 
-def push_to_hub(run_id, repo, token, private, merged, *, store, home: Path) -> str:
+def push_to_hub(run_id, repo, token, private, merged, *, store, home: Path, backend) -> str:
     """Adapter pushes run here (huggingface_hub only); a merged push needs torch: a child process, token in its env."""
     r = _run_for_export(run_id, store)
     repo = (repo or "").strip()
     token = (token or "").strip() or None
     if merged:
-        env = {"HF_TOKEN": token} if token else {}
-        proc = engine_cli(["push", str(r.id), "--repo", repo, "--merged"] + ([] if private else ["--public"]),
-                          store=store, home=home, env=env)
-        text = redact((proc.stdout + proc.stderr).strip().splitlines()[-1] if (proc.stdout + proc.stderr).strip()
-                      else "push failed", token)
-        if proc.returncode != 0:
-            raise gr.Error(text.removeprefix("error: "))
-        return text
+        try:
+            return redact(
+                backend.run_text(
+                    ["push", str(r.id), "--repo", repo, "--merged"] + ([] if private else ["--public"]),
+                    env={"HF_TOKEN": token} if token else None,
+                ),
+                token,
+            )
+        except ValueError as e:
+            raise gr.Error(redact(str(e), token)) from None
     try:
-        url = push(r, repo, token=token, private=bool(private), spectra=spectra_summary(store.get_spectra(r.id)),
-                   home=home)
+        url = push_adapter(r, repo, token=token, private=bool(private), spectra=stored_summary(store, r.id), home=home)
     except ExportError as e:
         raise gr.Error(redact(str(e), token)) from None
     return f"Pushed the adapter of run #{r.id} to {url} ({'private' if private else 'public'})"
@@ -390,90 +418,169 @@ class ChatTab:
 
 def build_chat_tab(store, runner, home: Path, backend=None) -> ChatTab:
     home = Path(home)
-    worker = ChatWorker(home)
-    sessions = Session()
-    c = ChatTab(worker=worker)
-    opts = pane_choices(store)
-    first_run = opts[1][1] if len(opts) > 1 else BASE
+    if backend is None:
+        from ui.backend import Backend
 
-    with gr.Row():
-        n_panes = gr.Radio([2, 3, 4], value=2, label="Panes", scale=1, elem_id="chat-n-panes")
-        base_choice = gr.Dropdown(base_choices(store), value=AUTO, allow_custom_value=True, scale=3,
-                                  label="Base model (all panes share it)", elem_id="chat-base",
-                                  info="auto = the base of the first run chosen below, else the embedded model")
-        refresh_btn = gr.Button("↻ Runs", size="sm", scale=0, min_width=80)
-    columns, pickers, c.bots, c.stats = [], [], [], []
-    with gr.Row(equal_height=False):
-        for i in range(MAX_PANES):
-            with gr.Column(visible=i < 2, min_width=240) as col:
-                pickers.append(gr.Dropdown(opts, value=BASE if i == 0 else first_run, allow_custom_value=True,
-                                           label=f"Pane {i + 1}", elem_id=f"chat-pane-{i}",
-                                           info="base, a finished run, or an adapter folder"))
-                c.bots.append(gr.Chatbot(label=f"Pane {i + 1}", height=380, elem_id=f"chat-bot-{i}",
-                                         feedback_options=None, buttons=["copy"]))
-                c.stats.append(gr.Markdown(elem_id=f"chat-stats-{i}"))
-            columns.append(col)
-    with gr.Row():
-        c.prompt = gr.Textbox(placeholder="One message, sent to every pane", show_label=False, scale=6,
-                              elem_id="chat-prompt", lines=1)
-        send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-        stop_btn = gr.Button("Stop", scale=1, elem_id="chat-stop")
-        clear_btn = gr.Button("Clear", scale=1, elem_id="chat-clear")
+        backend = Backend(home, db_url=store.url)
+    c = ChatTab(worker=ChatWorker(home))
+    w = SimpleNamespace()
+    panes_layout(c, w, store)
     with gr.Accordion("Generation settings (the same in every pane)", open=False):
         with gr.Row():
-            max_new = gr.Slider(1, 1024, 128, step=1, label="Max new tokens")
-            temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Temperature", info="0 = greedy")
-            top_p = gr.Slider(0.05, 1, 0.95, step=0.05, label="Top-p")
-            seed = gr.Number(0, precision=0, label="Seed", info="reset per pane: differences come from the weights")
-        system = gr.Textbox(label="System prompt (optional)", lines=2)
+            w.max_new = gr.Slider(1, 1024, 128, step=1, label="Max new tokens")
+            w.temperature = gr.Slider(0, 2, 0.7, step=0.05, label="Temperature", info="0 = greedy")
+            w.top_p = gr.Slider(0.05, 1, 0.95, step=0.05, label="Top-p")
+            w.seed = gr.Number(0, precision=0, label="Seed", info="reset per pane: differences come from the weights")
+        w.system = gr.Textbox(label="System prompt (optional)", lines=2)
     with gr.Row():
         c.status = gr.Markdown(status_text({}, training_note(store, {})), elem_id="chat-status")
         status_btn = gr.Button("Worker status", size="sm", scale=0, min_width=120)
         unload_btn = gr.Button("Unload", size="sm", scale=0, min_width=90, elem_id="chat-unload")
+    export_run = export_panel(store, home, backend)
+    c.histories = gr.State([[] for _ in range(MAX_PANES)])
+    wire_chat(c, w, store, Session())
+    c.refresh = (
+        partial(refresh_choices, store=store),
+        [*w.pickers, w.base_choice],
+        [*w.pickers, w.base_choice, export_run],
+    )
+    w.refresh_btn.click(*c.refresh, api_name=False)
+    status_btn.click(partial(report, store=store, worker=c.worker), None, [c.status], api_name="chat_status")
+    unload_btn.click(partial(unload, store=store, worker=c.worker), None, [c.status], api_name="chat_unload")
+    return c
+
+
+def panes_layout(c: ChatTab, w, store) -> None:
+    """The base model, 2–4 panes (a model picker, a chatbot and stats each) and the prompt row."""
+    opts = pane_choices(store)
+    first_run = opts[1][1] if len(opts) > 1 else BASE
+    with gr.Row():
+        w.n_panes = gr.Radio([2, 3, 4], value=2, label="Panes", scale=1, elem_id="chat-n-panes")
+        w.base_choice = gr.Dropdown(
+            base_choices(store),
+            value=AUTO,
+            allow_custom_value=True,
+            scale=3,
+            label="Base model (all panes share it)",
+            elem_id="chat-base",
+            info="auto = the base of the first run chosen below, else the embedded model",
+        )
+        w.refresh_btn = gr.Button("↻ Runs", size="sm", scale=0, min_width=80)
+    w.columns, w.pickers, c.bots, c.stats = [], [], [], []
+    with gr.Row(equal_height=False):
+        for i in range(MAX_PANES):
+            with gr.Column(visible=i < 2, min_width=240) as col:
+                w.pickers.append(
+                    gr.Dropdown(
+                        opts,
+                        value=BASE if i == 0 else first_run,
+                        allow_custom_value=True,
+                        label=f"Pane {i + 1}",
+                        elem_id=f"chat-pane-{i}",
+                        info="base, a finished run, or an adapter folder",
+                    )
+                )
+                c.bots.append(
+                    gr.Chatbot(
+                        label=f"Pane {i + 1}",
+                        height=380,
+                        elem_id=f"chat-bot-{i}",
+                        feedback_options=None,
+                        buttons=["copy"],
+                    )
+                )
+                c.stats.append(gr.Markdown(elem_id=f"chat-stats-{i}"))
+            w.columns.append(col)
+    with gr.Row():
+        c.prompt = gr.Textbox(
+            placeholder="One message, sent to every pane", show_label=False, scale=6, elem_id="chat-prompt", lines=1
+        )
+        w.send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        w.stop_btn = gr.Button("Stop", scale=1, elem_id="chat-stop")
+        w.clear_btn = gr.Button("Clear", scale=1, elem_id="chat-clear")
+
+
+def wire_chat(c: ChatTab, w, store, sessions: Session) -> None:
+    send_fn = partial(send, store=store, worker=c.worker, sessions=sessions, c=c)
+
+    def send_handler(prompt, n, base, sys_prompt, mx, temp, tp, sd, histories, p0, p1, p2, p3, request: gr.Request):
+        yield from send_fn(prompt, n, base, sys_prompt, mx, temp, tp, sd, [p0, p1, p2, p3], histories, request)
+
+    send_inputs = [
+        c.prompt,
+        w.n_panes,
+        w.base_choice,
+        w.system,
+        w.max_new,
+        w.temperature,
+        w.top_p,
+        w.seed,
+        c.histories,
+        *w.pickers,
+    ]
+    gr.on(
+        [w.send_btn.click, c.prompt.submit],
+        send_handler,
+        send_inputs,
+        [c.prompt, *c.bots, *c.stats, c.status, c.histories],
+        api_name="chat_send",
+        show_progress="hidden",
+    )
+    w.stop_btn.click(partial(stop, sessions=sessions), None, None, api_name="chat_stop", queue=False)
+    w.clear_btn.click(partial(clear, c=c), None, [*c.bots, *c.stats, c.histories], api_name="chat_clear")
+    w.n_panes.change(show_panes, [w.n_panes], w.columns, api_name=False)
+    for i, picker in enumerate(w.pickers):  # another model in the pane, or its own 🗑: a new conversation there
+        gr.on(
+            [picker.change, c.bots[i].clear],
+            partial(clear_pane, i, c=c),
+            [c.histories],
+            [c.histories, c.bots[i], c.stats[i]],
+            api_name=False,
+        )
+
+
+def export_panel(store, home: Path, backend):
+    """The Export accordion (adapter zip, merged model, Hub push), wired; returns its run picker."""
     with gr.Accordion("Export a run: adapter zip, merged model, Hugging Face Hub", open=False):
         runs = finished_runs(store)
-        export_run = gr.Dropdown([(run_label(r), r.id) for r in runs], value=runs[0].id if runs else None,
-                                 label="Run", elem_id="chat-export-run")
+        export_run = gr.Dropdown(
+            [(run_label(r), r.id) for r in runs],
+            value=runs[0].id if runs else None,
+            label="Run",
+            elem_id="chat-export-run",
+        )
         with gr.Row():
             zip_btn = gr.Button("Download adapter zip", size="sm")
-            merged_dir = gr.Textbox(label="Merged model folder", placeholder=str(home / "exports" / "run-N-merged"),
-                                    scale=3)
+            merged_dir = gr.Textbox(
+                label="Merged model folder", placeholder=str(home / "exports" / "run-N-merged"), scale=3
+            )
             merge_btn = gr.Button("Save merged model to folder", size="sm")
         zip_file = gr.File(label="Adapter zip", visible=False, interactive=False)
         with gr.Row():
             repo = gr.Textbox(label="Hub repo", placeholder="your-name/pirate-lora", scale=2)
-            token = gr.Textbox(label="HF token (write)", type="password", scale=2,
-                               info="empty = HF_TOKEN or `hf auth login`; used for this upload only, never stored")
+            token = gr.Textbox(
+                label="HF token (write)",
+                type="password",
+                scale=2,
+                info="empty = HF_TOKEN or `hf auth login`; used for this upload only, never stored",
+            )
             private = gr.Checkbox(True, label="private")
             push_merged = gr.Checkbox(False, label="push the merged model")
             push_btn = gr.Button("Push to Hub", size="sm")
         export_md = gr.Markdown()
-    c.histories = gr.State([[] for _ in range(MAX_PANES)])
-
-    chat_outputs = [c.prompt, *c.bots, *c.stats, c.status, c.histories]
-    send_fn = partial(send, store=store, worker=worker, sessions=sessions, c=c)
-
-    def send_handler(prompt, n, base, sys_prompt, mx, temp, tp, sd, histories, p0, p1, p2, p3,
-                     request: gr.Request):
-        yield from send_fn(prompt, n, base, sys_prompt, mx, temp, tp, sd, [p0, p1, p2, p3], histories, request)
-
-    send_inputs = [c.prompt, n_panes, base_choice, system, max_new, temperature, top_p, seed, c.histories, *pickers]
-    gr.on([send_btn.click, c.prompt.submit], send_handler, send_inputs, chat_outputs, api_name="chat_send",
-          show_progress="hidden")
-    stop_btn.click(partial(stop, sessions=sessions), None, None, api_name="chat_stop", queue=False)
-    clear_btn.click(partial(clear, c=c), None, [*c.bots, *c.stats, c.histories], api_name="chat_clear")
-    n_panes.change(show_panes, [n_panes], columns, api_name=False)
-    for i, picker in enumerate(pickers):  # another model in the pane, or its own 🗑: a new conversation there
-        gr.on([picker.change, c.bots[i].clear], partial(clear_pane, i, c=c), [c.histories],
-              [c.histories, c.bots[i], c.stats[i]], api_name=False)
-    c.refresh = (partial(refresh_choices, store=store), [*pickers, base_choice], [*pickers, base_choice, export_run])
-    refresh_btn.click(*c.refresh, api_name=False)
-    status_btn.click(partial(report, store=store, worker=worker), None, [c.status], api_name="chat_status")
-    unload_btn.click(partial(unload, store=store, worker=worker), None, [c.status], api_name="chat_unload")
-    zip_btn.click(partial(export_zip, store=store, home=home), [export_run], [zip_file, export_md],
-                  api_name="chat_export_zip")
-    merge_btn.click(partial(export_merged, store=store, home=home), [export_run, merged_dir], [export_md],
-                    api_name="chat_export_merged")
-    push_btn.click(partial(push_to_hub, store=store, home=home), [export_run, repo, token, private, push_merged],
-                   [export_md], api_name="chat_push")
-    return c
+    zip_btn.click(
+        partial(export_zip, store=store, home=home), [export_run], [zip_file, export_md], api_name="chat_export_zip"
+    )
+    merge_btn.click(
+        partial(export_merged, store=store, home=home, backend=backend),
+        [export_run, merged_dir],
+        [export_md],
+        api_name="chat_export_merged",
+    )
+    push_btn.click(
+        partial(push_to_hub, store=store, home=home, backend=backend),
+        [export_run, repo, token, private, push_merged],
+        [export_md],
+        api_name="chat_push",
+    )
+    return export_run

@@ -10,20 +10,37 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from engine.events import format_duration
+from engine.core.events import format_duration
+from engine.core.export import ExportError, export_adapter_zip
+from engine.core.runs import run_folder
 from storage import RunStatus
 from ui.plots import compare_figure, loss_figure, lr_figure, reindex
 
-COLUMNS = ["id", "name", "status", "model", "targets", "r", "α", "quant", "final loss", "best val loss",
-           "duration s", "peak GB", "est. GB", "created"]
+COLUMNS = [
+    "id",
+    "name",
+    "status",
+    "model",
+    "targets",
+    "r",
+    "α",
+    "quant",
+    "final loss",
+    "best val loss",
+    "duration s",
+    "peak GB",
+    "est. GB",
+    "created",
+]
 STATUSES = [s.value for s in RunStatus]
 X_AXES = {"step": None, "epoch": "epoch", "tokens seen": "tokens_seen"}
 
@@ -44,10 +61,22 @@ def short_model(model: str) -> str:
 def run_row(r) -> list[Any]:
     lo = r.config.get("lora", {})
     duration = r.duration_s if r.duration_s is not None else (r.duration.total_seconds() if r.duration else None)
-    return [r.id, r.name, r.status.value, short_model(r.model or r.config.get("model", "")),
-            ",".join(lo.get("targets", [])), lo.get("r"), lo.get("alpha"), r.config.get("quant", ""),
-            _round(r.final_loss, 4), _round(r.best_val_loss, 4), _round(duration, 1), _round(r.peak_mem_gb, 3),
-            _round(r.est_mem_gb, 3), r.created_at.strftime("%Y-%m-%d %H:%M")]
+    return [
+        r.id,
+        r.name,
+        r.status.value,
+        short_model(r.model or r.config.get("model", "")),
+        ",".join(lo.get("targets", [])),
+        lo.get("r"),
+        lo.get("alpha"),
+        r.config.get("quant", ""),
+        _round(r.final_loss, 4),
+        _round(r.best_val_loss, 4),
+        _round(duration, 1),
+        _round(r.peak_mem_gb, 3),
+        _round(r.est_mem_gb, 3),
+        r.created_at.strftime("%Y-%m-%d %H:%M"),
+    ]
 
 
 def runs_table(runs: Sequence[Any], statuses: Sequence[str] | None = None, text: str = "") -> pd.DataFrame:
@@ -80,16 +109,20 @@ def row_selected(evt: gr.SelectData) -> int:
 
 def run_summary(r) -> str:
     parts = [f"**#{r.id} {r.name} · {r.status.value}** · model `{r.model}`"]
-    figures = [("steps", f"{r.steps_done}/{r.total_steps}" if r.total_steps else None),
-               ("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else None),
-               ("best val loss", f"{r.best_val_loss:.4f}" if r.best_val_loss is not None else None),
-               ("final val loss", f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else None),
-               ("duration", format_duration(r.duration_s) if r.duration_s is not None else None),
-               ("peak memory", f"{r.peak_mem_gb:.2f} GB" if r.peak_mem_gb is not None else None),
-               ("estimated", f"{r.est_mem_gb:.2f} GB" if r.est_mem_gb is not None else None),
-               ("trainable", f"{r.trainable_params:,} of {r.total_params:,}" if r.trainable_params and r.total_params
-                else None),
-               ("device", r.device)]
+    figures = [
+        ("steps", f"{r.steps_done}/{r.total_steps}" if r.total_steps else None),
+        ("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else None),
+        ("best val loss", f"{r.best_val_loss:.4f}" if r.best_val_loss is not None else None),
+        ("final val loss", f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else None),
+        ("duration", format_duration(r.duration_s) if r.duration_s is not None else None),
+        ("peak memory", f"{r.peak_mem_gb:.2f} GB" if r.peak_mem_gb is not None else None),
+        ("estimated", f"{r.est_mem_gb:.2f} GB" if r.est_mem_gb is not None else None),
+        (
+            "trainable",
+            f"{r.trainable_params:,} of {r.total_params:,}" if r.trainable_params and r.total_params else None,
+        ),
+        ("device", r.device),
+    ]
     parts.append(" · ".join(f"{k} {v}" for k, v in figures if v))
     if r.adapter_dir:
         parts.append(f"adapter `{r.adapter_dir}`")
@@ -106,8 +139,9 @@ def show_run(run_id: int | None, *, store):
         r = store.get_run(int(run_id))
     except KeyError:
         return {}, f"Run #{run_id} does not exist (deleted?).", loss_figure([]), lr_figure([])
-    loss = loss_figure(store.metric_series(r.id, "train/loss"), store.metric_series(r.id, "val/loss"),
-                       title=f"run #{r.id} loss")
+    loss = loss_figure(
+        store.metric_series(r.id, "train/loss"), store.metric_series(r.id, "val/loss"), title=f"run #{r.id} loss"
+    )
     return r.config, run_summary(r), loss, lr_figure(store.metric_series(r.id, "lr"))
 
 
@@ -126,8 +160,11 @@ def config_diff(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per config field whose value differs between the runs, one column per run."""
     flat = {label: flatten(c) for label, c in configs.items()}
     keys = list(dict.fromkeys(k for f in flat.values() for k in f))
-    rows = [[k, *(f.get(k, "—") for f in flat.values())] for k in keys
-            if len({json.dumps(f.get(k, "—"), default=str) for f in flat.values()}) > 1]
+    rows = [
+        [k, *(f.get(k, "—") for f in flat.values())]
+        for k in keys
+        if len({json.dumps(f.get(k, "—"), default=str) for f in flat.values()}) > 1
+    ]
     return pd.DataFrame(rows, columns=["field", *flat])
 
 
@@ -152,10 +189,10 @@ def compare_runs(run_ids: Sequence[int] | None, x_axis: str, smoothing: float, *
     return fig, diff
 
 
-def run_folder(home: Path, r) -> Path:
+def deletable_folder(home: Path, r) -> Path:
     """The run's folder, only if it lies inside <home>/runs (never delete anything else)."""
     runs = (Path(home) / "runs").resolve()
-    folder = Path(r.out_dir or runs / str(r.id)).resolve()
+    folder = run_folder(r, home).resolve()
     if folder.parent != runs:
         raise ValueError(f"run #{r.id}'s folder {folder} is not inside {runs}; delete it by hand")
     return folder
@@ -171,7 +208,7 @@ def delete_run(run_id: int | None, confirm: bool, statuses: Sequence[str] | None
     if r.status in (RunStatus.QUEUED, RunStatus.RUNNING):
         raise gr.Error(f"Run #{r.id} is {r.status.value}: cancel it on the Train tab first")
     try:
-        folder = run_folder(home, r)
+        folder = deletable_folder(home, r)
     except ValueError as e:
         raise gr.Error(str(e)) from None
     store.delete_run(r.id)
@@ -183,14 +220,12 @@ def delete_run(run_id: int | None, confirm: bool, statuses: Sequence[str] | None
 
 
 def export_adapter(run_id: int, *, store, home: Path) -> Path:
-    """Zip the run's PEFT adapter folder into <home>/exports/run-<id>-adapter.zip."""
+    """The run's adapter zip with its model card (engine.core.export's one exporter)."""
     r = store.get_run(int(run_id))
-    adapter = Path(r.adapter_dir) if r.adapter_dir else Path(r.out_dir or Path(home) / "runs" / str(r.id)) / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise ValueError(f"run #{r.id} ({r.status.value}) has no saved adapter at {adapter}")
-    exports = Path(home) / "exports"
-    exports.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.make_archive(str(exports / f"run-{r.id}-adapter"), "zip", root_dir=adapter))
+    try:
+        return export_adapter_zip(r, store, home)
+    except ExportError as e:
+        raise ValueError(str(e)) from None
 
 
 def download_adapter(run_id: int | None, *, store, home: Path):
@@ -214,8 +249,14 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         statuses = gr.CheckboxGroup(STATUSES, value=[], label="Status filter (none ticked = all)", scale=2)
         text = gr.Textbox(label="Filter", placeholder="text in any column: name, model, targets, …", scale=2)
         refresh_btn = gr.Button("Refresh", scale=1, size="sm")
-    table = gr.Dataframe(runs_table([]), interactive=False, label="Runs (click a header to sort, a row to open)",
-                         elem_id="runs-table", max_height=360, wrap=True)
+    table = gr.Dataframe(
+        runs_table([]),
+        interactive=False,
+        label="Runs (click a header to sort, a row to open)",
+        elem_id="runs-table",
+        max_height=360,
+        wrap=True,
+    )
     with gr.Row():
         run_pick = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="history-run")
         relaunch_btn = gr.Button("Relaunch in the Train tab", scale=1)
@@ -234,8 +275,9 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         delete_md = gr.Markdown()
     gr.Markdown("### Compare runs")
     with gr.Row():
-        compare_ids = gr.Dropdown([], value=[], multiselect=True, label="Runs to overlay", scale=3,
-                                  elem_id="compare-ids")
+        compare_ids = gr.Dropdown(
+            [], value=[], multiselect=True, label="Runs to overlay", scale=3, elem_id="compare-ids"
+        )
         x_axis = gr.Radio(list(X_AXES), value="step", label="x axis", scale=2)
         smoothing = gr.Slider(0, 0.99, 0.0, step=0.01, label="Smoothing (EMA)", scale=2)
     compare_plot = gr.Plot(label="Loss curves", elem_id="compare-plot")
@@ -244,12 +286,23 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
     refresh = (partial(refresh_history, store=store), [statuses, text], [table, run_pick, compare_ids])
     gr.on([refresh_btn.click, statuses.change, text.submit], *refresh, api_name="history")
     table.select(row_selected, None, [run_pick], api_name=False)
-    run_pick.change(partial(show_run, store=store), [run_pick], [config_json, summary, loss_plot, lr_plot],
-                    api_name="show_run")
-    gr.on([compare_ids.change, x_axis.change, smoothing.release], partial(compare_runs, store=store),
-          [compare_ids, x_axis, smoothing], [compare_plot, diff_table], api_name="compare")
-    delete_btn.click(partial(delete_run, store=store, home=home), [run_pick, confirm, statuses, text],
-                     [delete_md, table, run_pick, compare_ids, confirm], api_name="delete_run")
-    download_btn.click(partial(download_adapter, store=store, home=home), [run_pick], [adapter_file],
-                       api_name="download_adapter")
+    run_pick.change(
+        partial(show_run, store=store), [run_pick], [config_json, summary, loss_plot, lr_plot], api_name="show_run"
+    )
+    gr.on(
+        [compare_ids.change, x_axis.change, smoothing.release],
+        partial(compare_runs, store=store),
+        [compare_ids, x_axis, smoothing],
+        [compare_plot, diff_table],
+        api_name="compare",
+    )
+    delete_btn.click(
+        partial(delete_run, store=store, home=home),
+        [run_pick, confirm, statuses, text],
+        [delete_md, table, run_pick, compare_ids, confirm],
+        api_name="delete_run",
+    )
+    download_btn.click(
+        partial(download_adapter, store=store, home=home), [run_pick], [adapter_file], api_name="download_adapter"
+    )
     return HistoryTab(run_pick=run_pick, relaunch_btn=relaunch_btn, refresh=refresh)

@@ -9,14 +9,18 @@ after what they show ("train loss", "val loss", "lr", or the run label) so tests
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 
 Series = Sequence[tuple[float, float]]
 
-LAYOUT = dict(template="plotly_white", height=300, margin=dict(l=50, r=20, t=40, b=40),
-              legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+LAYOUT = dict(
+    template="plotly_white",
+    height=300,
+    margin=dict(l=50, r=20, t=40, b=40),
+    legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+)
 
 
 def ema(values: Sequence[float], smoothing: float) -> list[float]:
@@ -41,8 +45,7 @@ def _xy(series: Series) -> tuple[list[float], list[float]]:
 
 
 def _empty(fig: go.Figure, text: str) -> go.Figure:
-    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                       font=dict(color="#888"))
+    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font=dict(color="#888"))
     return fig
 
 
@@ -68,8 +71,14 @@ def lr_figure(lr: Series, *, title: str = "learning rate") -> go.Figure:
     return fig
 
 
-def compare_figure(curves: Mapping[str, Series], *, x_label: str = "step", smoothing: float = 0.0,
-                   val_curves: Mapping[str, Series] | None = None, title: str = "loss") -> go.Figure:
+def compare_figure(
+    curves: Mapping[str, Series],
+    *,
+    x_label: str = "step",
+    smoothing: float = 0.0,
+    val_curves: Mapping[str, Series] | None = None,
+    title: str = "loss",
+) -> go.Figure:
     """One trace per run (smoothed; the raw curve stays as a faint line) plus dashed validation curves."""
     fig = go.Figure(layout=dict(LAYOUT, title=title, xaxis_title=x_label, yaxis_title="loss", height=360))
     palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -77,14 +86,25 @@ def compare_figure(curves: Mapping[str, Series], *, x_label: str = "step", smoot
         color = palette[i % len(palette)]
         x, y = _xy(series)
         if smoothing > 0:
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{label} (raw)", showlegend=False,
-                                     opacity=0.25, line=dict(color=color), hoverinfo="skip"))
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    mode="lines",
+                    name=f"{label} (raw)",
+                    showlegend=False,
+                    opacity=0.25,
+                    line=dict(color=color),
+                    hoverinfo="skip",
+                )
+            )
         fig.add_trace(go.Scatter(x=x, y=ema(y, smoothing), mode="lines", name=label, line=dict(color=color)))
         val = (val_curves or {}).get(label)
         if val:
             vx, vy = _xy(val)
-            fig.add_trace(go.Scatter(x=vx, y=vy, mode="lines+markers", name=f"{label} val",
-                                     line=dict(color=color, dash="dash")))
+            fig.add_trace(
+                go.Scatter(x=vx, y=vy, mode="lines+markers", name=f"{label} val", line=dict(color=color, dash="dash"))
+            )
     return fig if curves else _empty(fig, "choose runs to compare")
 
 

@@ -6,30 +6,31 @@ Views: per-module σ curves (linear/log, σ/σ₁ or cumulative energy; modules 
 layers × module-kind heatmaps of ‖ΔW‖_F and of effective rank, one module's spectrum over the run's
 checkpoints, and the LoRA paper's subspace similarity φ between two sources for one module.
 
-φ needs the factors A and B themselves, not just σ: it is computed by a short child process
-(`python -c PHI_CODE`, its request as JSON on stdin) that uses engine.spectra; the server imports no
-torch. Handlers are plain module-level functions; store and backend are bound with functools.partial.
+φ needs the factors A and B themselves, not just σ: it comes from `python -m engine spectra --similarity A B
+--module M --json` through the backend, like every other engine call; the server imports no torch.
+Handlers are plain module-level functions; store and backend are bound with functools.partial.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
 
 import gradio as gr
 
-from ui.backend import cli_env, cli_error
+from engine.core.anatomy import column_labels, kind_rank, layer_kind_grid
+from engine.core.config import parse_layers
+from engine.core.runs import saved_adapter
+from engine.core.spectrum import record_stats, summarize
 from ui.insight_plots import heatmap_figure, sigma_figure, similarity_figure, steps_figure
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_CURVES = 48
 SPECTRA_TIMEOUT_S = 180.0
-PHI_TIMEOUT_S = 180.0
 # How φ compares two sources (label → which factor, which side), after Hu et al. (LoRA, §7.2, App. G).
 PHI_MODES = {
     "A: input space (the LoRA paper's choice)": ("A", "right"),
@@ -37,10 +38,6 @@ PHI_MODES = {
     "ΔW = B·A: output space": ("BA", "left"),
     "B: output space": ("B", "left"),
 }
-# Heatmap column order: the same as engine.spectra._KIND_ORDER (copied: engine.spectra imports torch).
-KIND_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "o_proj",
-              "out_proj", "dense", "attn.c_proj", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1",
-              "c_fc", "dense_h_to_4h", "down_proj", "w2", "fc2", "mlp.c_proj", "dense_4h_to_h")
 EXPLAIN = """\
 **Reading these plots.** σ₁ ≥ σ₂ ≥ … are the singular values of ΔW = s·B·A (s = α/r, or α/√r with
 rsLoRA); ΔW has at most r of them, computed without forming ΔW (QR of B and Aᵀ, then an r × r SVD).
@@ -66,19 +63,11 @@ computed.
 # ---- sources --------------------------------------------------------------------------------------
 
 
-def parse_layers(text: str | None) -> set[int] | None:
-    """'0-3,8' → {0, 1, 2, 3, 8}; empty → None (all layers). ValueError on anything else."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    out: set[int] = set()
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise ValueError(f"layers {text!r}: write indices and ranges like 0-3,8")
-        lo, hi = int(m[1]), int(m[2] or m[1])
-        out.update(range(min(lo, hi), max(lo, hi) + 1))
-    return out
+def layer_set(text: str | None) -> set[int] | None:
+    """The layer filter: '0-3,8' → {0, 1, 2, 3, 8}; empty → None (all layers). ValueError on anything else
+    (the config's own rule, engine.core.config.parse_layers)."""
+    layers = parse_layers((text or "").strip())
+    return set(layers) if layers else None
 
 
 def run_label(r) -> str:
@@ -91,16 +80,6 @@ def run_choices(store, limit: int = 200) -> list[tuple[str, int]]:
     return [(run_label(r), r.id) for r in store.list_runs(limit=limit) if store.spectra_steps(r.id)]
 
 
-def module_stats(record) -> dict[str, Any]:
-    """A SpectrumRecord → the engine's to_stats() dict, with sigma from the stored values."""
-    stats = dict(record.extra or {})
-    stats["sigma"] = list(record.values)
-    name = record.module
-    stats.setdefault("layer", next((int(p) for p in name.split(".") if p.isdigit()), None))
-    stats.setdefault("kind", name.split(".")[-1])
-    return stats
-
-
 def run_source(store, run_id: int) -> dict[str, Any]:
     """The latest stored spectra of a run, with where its adapter lives (for φ)."""
     r = store.get_run(int(run_id))
@@ -108,10 +87,15 @@ def run_source(store, run_id: int) -> dict[str, Any]:
     if not steps:
         raise ValueError(f"run #{r.id} has no stored spectra yet (they are saved at checkpoints and at the end)")
     records = store.get_spectra(r.id, steps[-1])
-    adapter = r.adapter_dir or (str(Path(r.out_dir) / "adapter") if r.out_dir else None)
-    return {"label": run_label(r), "run_id": r.id, "step": steps[-1], "steps": steps,
-            "adapter_dir": adapter if adapter and (Path(adapter) / "adapter_config.json").is_file() else None,
-            "modules": {name: module_stats(rec) for name, rec in records.items()}}
+    adapter = saved_adapter(r)
+    return {
+        "label": run_label(r),
+        "run_id": r.id,
+        "step": steps[-1],
+        "steps": steps,
+        "adapter_dir": str(adapter) if adapter else None,
+        "modules": {name: record_stats(rec) for name, rec in records.items()},
+    }
 
 
 _FOLDER_CACHE: dict[tuple, dict[str, Any]] = {}
@@ -130,8 +114,14 @@ def folder_source(folder: str, *, backend) -> dict[str, Any]:
     key = _folder_key(path)
     if key not in _FOLDER_CACHE:
         data = backend.run(["spectra", str(path.resolve()), "--json"], SPECTRA_TIMEOUT_S)
-        _FOLDER_CACHE[key] = {"label": f"folder {path.name} ({path.parent.name})", "run_id": None, "step": None,
-                              "steps": [], "adapter_dir": str(path.resolve()), "modules": data["modules"]}
+        _FOLDER_CACHE[key] = {
+            "label": f"folder {path.name} ({path.parent.name})",
+            "run_id": None,
+            "step": None,
+            "steps": [],
+            "adapter_dir": str(path.resolve()),
+            "modules": data["modules"],
+        }
     return _FOLDER_CACHE[key]
 
 
@@ -140,16 +130,16 @@ def summary_markdown(sources: Mapping[str, Mapping[str, Any]]) -> str:
         return "Pick runs, or give an adapter folder and press **Add folder**."
     lines = []
     for label, src in sources.items():
-        mods = list(src["modules"].values())
-        fro = sum(m.get("fro_norm", 0.0) ** 2 for m in mods) ** 0.5
-        eff = sum(m.get("effective_rank", 0.0) for m in mods) / len(mods) if mods else 0.0
-        ranks = sorted({m.get("r") for m in mods if m.get("r") is not None})
+        sm = summarize(src["modules"])
+        if not sm:
+            continue
         where = f"step {src['step']}" if src.get("step") is not None else "saved adapter"
-        lines.append(f"- **{label}** · {where} · {len(mods)} modules · r {', '.join(map(str, ranks))} · "
-                     f"‖ΔW‖_F over all modules {fro:.4g} · mean effective rank {eff:.2f} · "
-                     f"largest σ₁ {max((m.get('spectral_norm', 0.0) for m in mods), default=0.0):.4g}")
-        for note in sorted({m.get("note") for m in mods if m.get("note")}):
-            lines.append(f"  - {note}")
+        lines.append(
+            f"- **{label}** · {where} · {sm['modules']} modules · r {', '.join(map(str, sm['r']))} · "
+            f"‖ΔW‖_F over all modules {sm['fro_norm_total']:.4g} · mean effective rank "
+            f"{sm['effective_rank_mean']:.2f} · largest σ₁ {sm['spectral_norm_max']:.4g}"
+        )
+        lines.extend(f"  - {note}" for note in sm["notes"])
     if any(uses_dora(s) for s in sources.values()):
         lines.append("\n" + DORA_NOTE)
     return "\n".join(lines)
@@ -160,7 +150,7 @@ def uses_dora(source: Mapping[str, Any]) -> bool:
 
 
 def kind_choices(sources: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    kinds = {column_label(n, m, source["modules"]) for source in sources.values() for n, m in source["modules"].items()}
+    kinds = {label for source in sources.values() for label in column_labels(list(source["modules"])).values()}
     return sorted(kinds, key=lambda k: (kind_rank(k), k))
 
 
@@ -206,73 +196,53 @@ def refreshed(sources: dict[str, Any]):
     adapters = [k for k, v in sources.items() if v.get("adapter_dir")]
     modules = module_choices(sources)
     first = modules[0] if modules else None
-    pick = lambda options, i=0: options[min(i, len(options) - 1)] if options else None  # noqa: E731
-    return (sources, summary_markdown(sources), gr.update(choices=kind_choices(sources), value=kind_choices(sources)),
-            gr.update(choices=labels, value=pick(labels)), gr.update(choices=runs, value=pick(runs)),
-            gr.update(choices=modules, value=first), gr.update(choices=adapters, value=pick(adapters)),
-            gr.update(choices=adapters, value=pick(adapters, 1)), gr.update(choices=modules, value=first))
+    pick = lambda options, i=0: options[min(i, len(options) - 1)] if options else None
+    return (
+        sources,
+        summary_markdown(sources),
+        gr.update(choices=kind_choices(sources), value=kind_choices(sources)),
+        gr.update(choices=labels, value=pick(labels)),
+        gr.update(choices=runs, value=pick(runs)),
+        gr.update(choices=modules, value=first),
+        gr.update(choices=adapters, value=pick(adapters)),
+        gr.update(choices=adapters, value=pick(adapters, 1)),
+        gr.update(choices=modules, value=first),
+    )
 
 
-# ---- heatmap grids (engine.spectra.heatmap's layout, without torch) ----------------------------------
-
-
-def kind_rank(label: str) -> int:
-    parts = label.split(".")
-    for key in (".".join(parts[-2:]), parts[-1]):
-        if key in KIND_ORDER:
-            return KIND_ORDER.index(key)
-    return len(KIND_ORDER)
-
-
-def column_label(name: str, stats: Mapping[str, Any], modules: Mapping[str, Mapping[str, Any]]) -> str:
-    """The module's kind, or parent.kind where that kind repeats within a layer (GPT-2's attn.c_proj, mlp.c_proj)."""
-    kind, layer = stats.get("kind") or name.split(".")[-1], stats.get("layer")
-    same = sum(1 for m in modules.values() if m.get("layer") == layer and m.get("kind") == kind)
-    return ".".join(name.split(".")[-2:]) if same > 1 else kind
-
-
-def layer_kind_grid(modules: Mapping[str, Mapping[str, Any]], value: str
-                    ) -> tuple[list[int], list[str], list[list[float | None]]]:
-    """(layers, kinds, grid) with grid[i][j] = `value` of kind j in layer i; modules outside layers left out."""
-    inside = {n: m for n, m in modules.items() if m.get("layer") is not None}
-    label = {n: column_label(n, m, inside) for n, m in inside.items()}
-    layers = sorted({m["layer"] for m in inside.values()})
-    first: dict[str, int] = {}
-    for n in inside:
-        first.setdefault(label[n], len(first))
-    kinds = sorted(first, key=lambda k: (kind_rank(k), first[k]))
-    grid: list[list[float | None]] = [[None] * len(kinds) for _ in layers]
-    for n, m in inside.items():
-        v = m.get(value)
-        grid[layers.index(m["layer"])][kinds.index(label[n])] = None if v is None else float(v)
-    return layers, kinds, grid
+def grid_of(modules: Mapping[str, Mapping[str, Any]], value: str):
+    """(layers, kinds, grid) of one statistic, in engine.core.anatomy's layers × kinds layout."""
+    return layer_kind_grid({n: m.get(value) for n, m in modules.items()})
 
 
 # ---- views ------------------------------------------------------------------------------------------
 
 
-def sigma_view(sources: Mapping[str, Any] | None, kinds: Sequence[str] | None, layers_text: str, log: bool,
-               mode: str) -> tuple[Any, str]:
+def sigma_view(
+    sources: Mapping[str, Any] | None, kinds: Sequence[str] | None, layers_text: str, log: bool, mode: str
+) -> tuple[Any, str]:
     """→ [σ figure, note]: one curve per chosen module (and source), at most MAX_CURVES."""
     sources = sources or {}
     try:
-        layers = parse_layers(layers_text)
+        layers = layer_set(layers_text)
     except ValueError as e:
-        return sigma_figure({}), f"⚠ {e}"
+        return sigma_figure({}), f"⚠ layers {layers_text!r}: {e}"
     curves: dict[str, list[float]] = {}
     total = 0
     for label, src in sources.items():
         prefix = f"{label.split(' ')[0]} · " if len(sources) > 1 else ""
+        columns = column_labels(list(src["modules"]))
         for name, m in src["modules"].items():
-            if kinds is not None and column_label(name, m, src["modules"]) not in kinds:
+            if kinds is not None and columns[name] not in kinds:
                 continue
             if layers is not None and m.get("layer") not in layers:
                 continue
             total += 1
             if len(curves) < MAX_CURVES:
                 curves[prefix + name] = m["sigma"]
-    note = f"{total} module(s)" + (f"; showing the first {MAX_CURVES} (narrow by kind or layer)" if total > MAX_CURVES
-                                   else "")
+    note = f"{total} module(s)" + (
+        f"; showing the first {MAX_CURVES} (narrow by kind or layer)" if total > MAX_CURVES else ""
+    )
     return sigma_figure(curves, log=bool(log), mode=mode), note
 
 
@@ -283,21 +253,27 @@ def heatmap_view(sources: Mapping[str, Any] | None, label: str | None):
         empty = heatmap_figure([], [], [], title="‖ΔW‖_F")
         return empty, heatmap_figure([], [], [], title="effective rank"), gr.update(visible=False)
     mods = src["modules"]
-    fro = heatmap_figure(*layer_kind_grid(mods, "fro_norm"), title=f"‖ΔW‖_F · {label}", colorscale="Viridis")
+    fro = heatmap_figure(*grid_of(mods, "fro_norm"), title=f"‖ΔW‖_F · {label}", colorscale="Viridis")
     r_max = max((m.get("r") or 0 for m in mods.values()), default=0)
-    eff = heatmap_figure(*layer_kind_grid(mods, "effective_rank"),
-                         title=f"effective rank (of r ≤ {r_max}) · {label}", colorscale="Cividis", zmin=0,
-                         zmax=r_max or None)
+    eff = heatmap_figure(
+        *grid_of(mods, "effective_rank"),
+        title=f"effective rank (of r ≤ {r_max}) · {label}",
+        colorscale="Cividis",
+        zmin=0,
+        zmax=r_max or None,
+    )
     has_magnitude = any(m.get("magnitude_change") is not None for m in mods.values())
     if not has_magnitude:
         return fro, eff, gr.update(visible=False)
-    mag = heatmap_figure(*layer_kind_grid(mods, "magnitude_change"), title=f"DoRA: mean |m − m₀| / m₀ · {label}",
-                         colorscale="Magma")
+    mag = heatmap_figure(
+        *grid_of(mods, "magnitude_change"), title=f"DoRA: mean |m − m₀| / m₀ · {label}", colorscale="Magma"
+    )
     return fro, eff, gr.update(value=mag, visible=True)
 
 
-def checkpoint_view(sources: Mapping[str, Any] | None, label: str | None, module: str | None, log: bool,
-                    mode: str, *, store):
+def checkpoint_view(
+    sources: Mapping[str, Any] | None, label: str | None, module: str | None, log: bool, mode: str, *, store
+):
     """One module's spectrum at every step the run saved (checkpoints and the end)."""
     src = (sources or {}).get(label or "")
     if src is None or src.get("run_id") is None or not module:
@@ -310,48 +286,49 @@ def checkpoint_view(sources: Mapping[str, Any] | None, label: str | None, module
     return steps_figure(by_step, module=module, log=bool(log), mode=mode)
 
 
-# ---- subspace similarity φ (a child process: it needs A and B, hence torch) -----------------------------
+# ---- subspace similarity φ (`engine spectra --similarity`: it needs A and B, hence torch) ---------------
 
-PHI_CODE = r"""
-import json, sys
-from engine.spectra import load_adapter, subspace_similarity
-req = json.load(sys.stdin)
-def factor(folder):
-    _, factors, _ = load_adapter(folder)
-    if req["module"] not in factors:
-        raise SystemExit("error: " + folder + " has no LoRA on " + req["module"])
-    A, B, _ = factors[req["module"]]
-    return {"A": A, "B": B, "BA": (A, B)}[req["use"]], A.shape[0]
-M1, r1 = factor(req["a"])
-M2, r2 = factor(req["b"])
-i, j = min(req["i_max"], r1), min(req["j_max"], r2)
-grid = subspace_similarity(M1, M2, i, j, side=req["side"])
-print(json.dumps({"grid": grid, "r1": r1, "r2": r2}))
-"""
 _PHI_CACHE: dict[str, dict[str, Any]] = {}
 
 
-def phi_grid(a_dir: str, b_dir: str, module: str, use: str, side: str, i_max: int, j_max: int, *,
-             python: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """{'grid': φ[i][j], 'r1', 'r2'} from a child process; cached per adapter file version and request."""
-    req = {"a": str(a_dir), "b": str(b_dir), "module": module, "use": use, "side": side,
-           "i_max": int(i_max), "j_max": int(j_max)}
-    key = json.dumps([req, _folder_key(Path(a_dir)), _folder_key(Path(b_dir))])
-    if key in _PHI_CACHE:
-        return _PHI_CACHE[key]
-    try:
-        proc = subprocess.run([python, "-c", PHI_CODE], input=json.dumps(req), capture_output=True, text=True,
-                              timeout=PHI_TIMEOUT_S, cwd=ROOT, env=cli_env(dict(env or {})))
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"φ took longer than {PHI_TIMEOUT_S:.0f} s and was stopped") from None
-    if proc.returncode != 0:
-        raise ValueError(cli_error(proc.stdout, proc.stderr, proc.returncode))
-    _PHI_CACHE[key] = json.loads(proc.stdout)
+def phi_grid(
+    a_dir: str, b_dir: str, module: str, use: str, side: str, i_max: int, j_max: int, *, backend
+) -> dict[str, Any]:
+    """{'grid': φ[i][j], 'r1', 'r2'} from `python -m engine spectra --similarity`; cached per adapter file version."""
+    args = [
+        "spectra",
+        "--similarity",
+        str(a_dir),
+        str(b_dir),
+        "--module",
+        module,
+        "--use",
+        use,
+        "--side",
+        side,
+        "--i-max",
+        str(int(i_max)),
+        "--j-max",
+        str(int(j_max)),
+        "--json",
+    ]
+    key = json.dumps([args, _folder_key(Path(a_dir)), _folder_key(Path(b_dir))])
+    if key not in _PHI_CACHE:
+        _PHI_CACHE[key] = backend.run(args, SPECTRA_TIMEOUT_S)
     return _PHI_CACHE[key]
 
 
-def phi_view(sources: Mapping[str, Any] | None, a_label: str | None, b_label: str | None, module: str | None,
-             mode: str, i_max: float, j_max: float, *, backend):
+def phi_view(
+    sources: Mapping[str, Any] | None,
+    a_label: str | None,
+    b_label: str | None,
+    module: str | None,
+    mode: str,
+    i_max: float,
+    j_max: float,
+    *,
+    backend,
+):
     """Compute φ button → [φ heatmap, note]."""
     sources = sources or {}
     a, b = sources.get(a_label or ""), sources.get(b_label or "")
@@ -361,19 +338,24 @@ def phi_view(sources: Mapping[str, Any] | None, a_label: str | None, b_label: st
         raise gr.Error("φ needs the adapters' factors: both sources must have an adapter folder")
     use, side = PHI_MODES[mode]
     try:
-        out = phi_grid(a["adapter_dir"], b["adapter_dir"], module, use, side, int(i_max), int(j_max),
-                       python=backend.python, env=backend.env)
+        out = phi_grid(a["adapter_dir"], b["adapter_dir"], module, use, side, int(i_max), int(j_max), backend=backend)
     except ValueError as e:
         raise gr.Error(f"φ failed: {e}") from None
     grid = out["grid"]
     diag = [grid[k][k] for k in range(min(len(grid), len(grid[0]) if grid else 0))]
-    note = (f"{module}: {a_label} (r = {out['r1']}) vs {b_label} (r = {out['r2']}), {mode}. "
-            f"φ(1, 1) = {grid[0][0]:.3f}" + (f"; mean of the diagonal {sum(diag) / len(diag):.3f}" if diag else "")
-            + (". Same adapter: the diagonal is 1 by construction." if a["adapter_dir"] == b["adapter_dir"] else ""))
-    fig = similarity_figure(grid, title=f"φ({a_label.split(' ')[0]}, {b_label.split(' ')[0]}, i, j) · "
-                                        f"{module.split('.', 1)[-1] if module.count('.') > 3 else module}",
-                            y_label=f"i: top directions of {a_label.split(' ')[0]}",
-                            x_label=f"j: top directions of {b_label.split(' ')[0]}")
+    note = (
+        f"{module}: {a_label} (r = {out['r1']}) vs {b_label} (r = {out['r2']}), {mode}. "
+        f"φ(1, 1) = {grid[0][0]:.3f}"
+        + (f"; mean of the diagonal {sum(diag) / len(diag):.3f}" if diag else "")
+        + (". Same adapter: the diagonal is 1 by construction." if a["adapter_dir"] == b["adapter_dir"] else "")
+    )
+    fig = similarity_figure(
+        grid,
+        title=f"φ({a_label.split(' ')[0]}, {b_label.split(' ')[0]}, i, j) · "
+        f"{module.split('.', 1)[-1] if module.count('.') > 3 else module}",
+        y_label=f"i: top directions of {a_label.split(' ')[0]}",
+        x_label=f"j: top directions of {b_label.split(' ')[0]}",
+    )
     return fig, note
 
 
@@ -388,68 +370,106 @@ class SpectraTab:
 
 
 def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
-    sources = gr.State({})
+    w = SimpleNamespace(sources=gr.State({}))
+    sources_section(w, store)
+    gr.Markdown("### Singular values per module")
     with gr.Row():
-        run_pick = gr.Dropdown(run_choices(store), multiselect=True, label="Runs", scale=3, elem_id="spectra-runs",
-                               info="Runs with stored spectra (saved at every checkpoint and at the end)")
-        refresh_btn = gr.Button("↻", size="sm", scale=0, min_width=40)
+        w.kinds = gr.CheckboxGroup([], label="Module kinds", scale=3)
+        w.layers = gr.Textbox("", label="Layers", placeholder="all (or 0-3,8)", scale=1)
     with gr.Row():
-        folder = gr.Textbox(label="…or any PEFT LoRA adapter folder", scale=4, elem_id="spectra-folder",
-                            placeholder="/path/to/adapter (adapter_config.json + adapter_model.safetensors)")
-        add_btn = gr.Button("Add folder", scale=1, elem_id="spectra-add")
-        clear_btn = gr.Button("Remove folders", scale=1, size="sm")
-    summary = gr.Markdown(summary_markdown({}), elem_id="spectra-summary")
+        w.log = gr.Checkbox(False, label="log y")
+        w.mode = gr.Radio(
+            [("σ", "sigma"), ("σ / σ₁", "normalised"), ("cumulative energy", "energy")], value="sigma", label="y"
+        )
+    w.sigma_note = gr.Markdown()
+    w.sigma_plot = gr.Plot(sigma_figure({}), elem_id="spectra-sigma")
+    gr.Markdown("### Where the adapter acts: layers × modules")
+    w.heat_source = gr.Dropdown([], label="Source")
+    with gr.Row():
+        w.fro_plot = gr.Plot(heatmap_figure([], [], [], title="‖ΔW‖_F"))
+        w.eff_plot = gr.Plot(heatmap_figure([], [], [], title="effective rank"))
+    w.mag_plot = gr.Plot(visible=False, label="DoRA magnitude change")
+    gr.Markdown("### One module over the run's checkpoints")
+    with gr.Row():
+        w.ckpt_run = gr.Dropdown([], label="Run")
+        w.ckpt_module = gr.Dropdown([], label="Module")
+    w.ckpt_plot = gr.Plot(steps_figure({}, module="module"))
+    phi_section(w)
+    wire_spectra(w, store, backend)
+    return SpectraTab(sources=w.sources, run_pick=w.run_pick, sigma_plot=w.sigma_plot)
+
+
+def sources_section(w, store) -> None:
+    with gr.Row():
+        w.run_pick = gr.Dropdown(
+            run_choices(store),
+            multiselect=True,
+            label="Runs",
+            scale=3,
+            elem_id="spectra-runs",
+            info="Runs with stored spectra (saved at every checkpoint and at the end)",
+        )
+        w.refresh_btn = gr.Button("↻", size="sm", scale=0, min_width=40)
+    with gr.Row():
+        w.folder = gr.Textbox(
+            label="…or any PEFT LoRA adapter folder",
+            scale=4,
+            elem_id="spectra-folder",
+            placeholder="/path/to/adapter (adapter_config.json + adapter_model.safetensors)",
+        )
+        w.add_btn = gr.Button("Add folder", scale=1, elem_id="spectra-add")
+        w.clear_btn = gr.Button("Remove folders", scale=1, size="sm")
+    w.summary = gr.Markdown(summary_markdown({}), elem_id="spectra-summary")
     with gr.Accordion("What the numbers mean", open=False):
         gr.Markdown(EXPLAIN)
 
-    gr.Markdown("### Singular values per module")
-    with gr.Row():
-        kinds = gr.CheckboxGroup([], label="Module kinds", scale=3)
-        layers = gr.Textbox("", label="Layers", placeholder="all (or 0-3,8)", scale=1)
-    with gr.Row():
-        log = gr.Checkbox(False, label="log y")
-        mode = gr.Radio([("σ", "sigma"), ("σ / σ₁", "normalised"), ("cumulative energy", "energy")], value="sigma",
-                        label="y")
-    sigma_note = gr.Markdown()
-    sigma_plot = gr.Plot(sigma_figure({}), elem_id="spectra-sigma")
 
-    gr.Markdown("### Where the adapter acts: layers × modules")
-    heat_source = gr.Dropdown([], label="Source")
-    with gr.Row():
-        fro_plot = gr.Plot(heatmap_figure([], [], [], title="‖ΔW‖_F"))
-        eff_plot = gr.Plot(heatmap_figure([], [], [], title="effective rank"))
-    mag_plot = gr.Plot(visible=False, label="DoRA magnitude change")
-
-    gr.Markdown("### One module over the run's checkpoints")
-    with gr.Row():
-        ckpt_run = gr.Dropdown([], label="Run")
-        ckpt_module = gr.Dropdown([], label="Module")
-    ckpt_plot = gr.Plot(steps_figure({}, module="module"))
-
+def phi_section(w) -> None:
     gr.Markdown("### Subspace similarity φ between two adapters (or two ranks)")
     with gr.Row():
-        phi_a = gr.Dropdown([], label="First (i)")
-        phi_b = gr.Dropdown([], label="Second (j)")
-        phi_module = gr.Dropdown([], label="Module")
+        w.phi_a = gr.Dropdown([], label="First (i)")
+        w.phi_b = gr.Dropdown([], label="Second (j)")
+        w.phi_module = gr.Dropdown([], label="Module")
     with gr.Row():
-        phi_mode = gr.Radio(list(PHI_MODES), value=next(iter(PHI_MODES)), label="Directions compared")
-        i_max = gr.Slider(1, 64, 8, step=1, label="i max")
-        j_max = gr.Slider(1, 64, 8, step=1, label="j max")
-        phi_btn = gr.Button("Compute φ", elem_id="spectra-phi")
-    phi_note = gr.Markdown()
-    phi_plot = gr.Plot(similarity_figure([], title="φ"))
+        w.phi_mode = gr.Radio(list(PHI_MODES), value=next(iter(PHI_MODES)), label="Directions compared")
+        w.i_max = gr.Slider(1, 64, 8, step=1, label="i max")
+        w.j_max = gr.Slider(1, 64, 8, step=1, label="j max")
+        w.phi_btn = gr.Button("Compute φ", elem_id="spectra-phi")
+    w.phi_note = gr.Markdown()
+    w.phi_plot = gr.Plot(similarity_figure([], title="φ"))
 
-    loaded = [sources, summary, kinds, heat_source, ckpt_run, ckpt_module, phi_a, phi_b, phi_module]
-    refresh_btn.click(lambda: gr.update(choices=run_choices(store)), None, [run_pick], api_name=False)
-    run_pick.change(partial(load_runs, store=store), [run_pick, sources], loaded, api_name="spectra_runs")
-    add_btn.click(partial(add_folder, backend=backend), [folder, sources], loaded, api_name="spectra_folder")
-    clear_btn.click(clear_folders, [sources], loaded, api_name=False)
-    gr.on([sources.change, kinds.change, layers.submit, log.change, mode.change], sigma_view,
-          [sources, kinds, layers, log, mode], [sigma_plot, sigma_note], api_name=False, show_progress="hidden")
-    gr.on([sources.change, heat_source.change], heatmap_view, [sources, heat_source], [fro_plot, eff_plot, mag_plot],
-          api_name=False, show_progress="hidden")
-    gr.on([ckpt_run.change, ckpt_module.change, log.change, mode.change], partial(checkpoint_view, store=store),
-          [sources, ckpt_run, ckpt_module, log, mode], [ckpt_plot], api_name=False, show_progress="hidden")
-    phi_btn.click(partial(phi_view, backend=backend), [sources, phi_a, phi_b, phi_module, phi_mode, i_max, j_max],
-                  [phi_plot, phi_note], api_name="spectra_phi")
-    return SpectraTab(sources=sources, run_pick=run_pick, sigma_plot=sigma_plot)
+
+def wire_spectra(w, store, backend) -> None:
+    loaded = [w.sources, w.summary, w.kinds, w.heat_source, w.ckpt_run, w.ckpt_module, w.phi_a, w.phi_b, w.phi_module]
+    w.refresh_btn.click(lambda: gr.update(choices=run_choices(store)), None, [w.run_pick], api_name=False)
+    w.run_pick.change(partial(load_runs, store=store), [w.run_pick, w.sources], loaded, api_name="spectra_runs")
+    w.add_btn.click(partial(add_folder, backend=backend), [w.folder, w.sources], loaded, api_name="spectra_folder")
+    w.clear_btn.click(clear_folders, [w.sources], loaded, api_name=False)
+    hidden = {"api_name": False, "show_progress": "hidden"}
+    gr.on(
+        [w.sources.change, w.kinds.change, w.layers.submit, w.log.change, w.mode.change],
+        sigma_view,
+        [w.sources, w.kinds, w.layers, w.log, w.mode],
+        [w.sigma_plot, w.sigma_note],
+        **hidden,
+    )
+    gr.on(
+        [w.sources.change, w.heat_source.change],
+        heatmap_view,
+        [w.sources, w.heat_source],
+        [w.fro_plot, w.eff_plot, w.mag_plot],
+        **hidden,
+    )
+    gr.on(
+        [w.ckpt_run.change, w.ckpt_module.change, w.log.change, w.mode.change],
+        partial(checkpoint_view, store=store),
+        [w.sources, w.ckpt_run, w.ckpt_module, w.log, w.mode],
+        [w.ckpt_plot],
+        **hidden,
+    )
+    w.phi_btn.click(
+        partial(phi_view, backend=backend),
+        [w.sources, w.phi_a, w.phi_b, w.phi_module, w.phi_mode, w.i_max, w.j_max],
+        [w.phi_plot, w.phi_note],
+        api_name="spectra_phi",
+    )

@@ -23,21 +23,35 @@ import hashlib
 import importlib.util
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from engine.config import BUILTIN_DATASETS, RunConfig
+from engine.core.config import BUILTIN_DATASETS, RunConfig
 
 IGNORE = -100  # label value the loss skips
-BUILTIN_DIR = Path(__file__).parent / "datasets"
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-                "model": "assistant", "chatgpt": "assistant", "system": "system"}
-FORMAT_KEYS = [("messages", {"messages"}), ("sharegpt", {"conversations"}), ("alpaca", {"instruction", "output"}),
-               ("prompt_completion", {"prompt", "completion"}), ("prompt_completion", {"prompt", "response"}),
-               ("text", {"text"})]
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "datasets"  # engine/datasets/
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
+FORMAT_KEYS = [
+    ("messages", {"messages"}),
+    ("sharegpt", {"conversations"}),
+    ("alpaca", {"instruction", "output"}),
+    ("prompt_completion", {"prompt", "completion"}),
+    ("prompt_completion", {"prompt", "response"}),
+    ("text", {"text"}),
+]
 
 
 class DatasetError(ValueError):
@@ -46,8 +60,8 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Row:
-    source: str      # file name (or builtin name)
-    line: int        # 1-based line (jsonl/csv) or item index (json/txt)
+    source: str  # file name (or builtin name)
+    line: int  # 1-based line (jsonl/csv) or item index (json/txt)
     data: dict[str, Any]
 
 
@@ -82,8 +96,10 @@ def read_rows(dataset: str) -> list[Row]:
     path = dataset_path(dataset)
     assert path is not None
     if not path.is_file():
-        raise DatasetError(f"dataset file {str(path)!r} does not exist; give a .jsonl/.json/.csv/.txt file "
-                           f"or one of {', '.join(BUILTIN_DATASETS)}")
+        raise DatasetError(
+            f"dataset file {str(path)!r} does not exist; give a .jsonl/.json/.csv/.txt file "
+            f"or one of {', '.join(BUILTIN_DATASETS)}"
+        )
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt}
     if suffix not in readers:
@@ -149,8 +165,10 @@ def _chatterbot_rows() -> list[Row]:
 
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
-        raise DatasetError("builtin:chatterbot needs the chatterbot-corpus package: pip install chatterbot-corpus==1.3.3")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+        raise DatasetError(
+            "builtin:chatterbot needs the chatterbot-corpus package: pip install chatterbot-corpus==1.3.3"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
     rows = []
     for f in sorted(folder.glob("*.yml")):
         doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
@@ -172,9 +190,11 @@ def detect_format(rows: list[Row]) -> str:
     for fmt, need in FORMAT_KEYS:
         if need <= keys:
             return fmt
-    raise DatasetError(f"{rows[0].source} line {rows[0].line}: cannot tell the format from keys {sorted(keys)}; "
-                       "expected messages, conversations, instruction+output, prompt+completion or text "
-                       "(or set dataset_format)")
+    raise DatasetError(
+        f"{rows[0].source} line {rows[0].line}: cannot tell the format from keys {sorted(keys)}; "
+        "expected messages, conversations, instruction+output, prompt+completion or text "
+        "(or set dataset_format)"
+    )
 
 
 def to_chat(row: Row, fmt: str) -> list[dict[str, str]] | tuple[str, str] | str:
@@ -202,7 +222,9 @@ def to_chat(row: Row, fmt: str) -> list[dict[str, str]] | tuple[str, str] | str:
         if d.get("system"):
             msgs.insert(0, {"role": "system", "content": text_of("system")})
         return msgs
-    key, role_key, content_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+    key, role_key, content_key = (
+        ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+    )
     turns = d.get(key)
     if not isinstance(turns, list) or not turns:
         raise DatasetError(f"{where}: {key!r} must be a non-empty list of turns")
@@ -240,8 +262,10 @@ def assistant_spans(tok, msgs: list[dict[str, str]]) -> tuple[str, list[tuple[in
         prefix = _render(tok, msgs[:i], add_generation_prompt=True)
         upto = _render(tok, msgs[: i + 1])
         if not (upto.startswith(prefix) and full.startswith(upto)):
-            raise DatasetError("the tokenizer's chat template is not append-only, so response-only labels cannot "
-                               "be placed; set train_on: all")
+            raise DatasetError(
+                "the tokenizer's chat template is not append-only, so response-only labels cannot "
+                "be placed; set train_on: all"
+            )
         spans.append((len(prefix), len(upto)))
     return full, spans
 
@@ -264,8 +288,9 @@ def tokenize_example(tok, item, train_on: str, max_len: int) -> Example:
             labels = list(ids)
         else:
             # A token is learned when it starts inside an assistant span.
-            labels = [t if any(a <= s < b for a, b in spans) else IGNORE
-                      for t, (s, _e) in zip(ids, enc["offset_mapping"])]
+            labels = [
+                t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _e) in zip(ids, enc["offset_mapping"])
+            ]
     return Example(tuple(ids[:max_len]), tuple(labels[:max_len]))
 
 
@@ -275,7 +300,7 @@ class Prepared:
     val: list[Example]
     format: str
     n_rows: int
-    n_dropped: int          # examples with no label token left after truncation
+    n_dropped: int  # examples with no label token left after truncation
     fingerprint: str
 
 
@@ -287,9 +312,19 @@ def cache_key(cfg: RunConfig, tok) -> str:
         h.update(path.read_bytes())
     else:
         h.update(cfg.dataset.encode())
-    for part in (type(tok).__name__, tok.name_or_path, len(tok), tok.eos_token_id, tok.pad_token_id,
-                 getattr(tok, "chat_template", None), cfg.dataset_format, cfg.train_on, cfg.train.max_seq_len,
-                 cfg.max_examples, TOKENIZATION_VERSION):
+    for part in (
+        type(tok).__name__,
+        tok.name_or_path,
+        len(tok),
+        tok.eos_token_id,
+        tok.pad_token_id,
+        getattr(tok, "chat_template", None),
+        cfg.dataset_format,
+        cfg.train_on,
+        cfg.train.max_seq_len,
+        cfg.max_examples,
+        TOKENIZATION_VERSION,
+    ):
         h.update(repr(part).encode())
     return h.hexdigest()[:24]
 
@@ -328,15 +363,25 @@ def prepare(cfg: RunConfig, tok, cache_dir: Path | None = None) -> Prepared:
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(f".tmp{id(examples)}")
-            tmp.write_text(json.dumps({"examples": [[e.input_ids, e.labels] for e in examples], "dropped": dropped,
-                                       "format": fmt, "rows": n_rows}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "examples": [[e.input_ids, e.labels] for e in examples],
+                        "dropped": dropped,
+                        "format": fmt,
+                        "rows": n_rows,
+                    }
+                )
+            )
             tmp.replace(cached)
     if not examples:
-        raise DatasetError(f"{cfg.dataset}: no example has any token to learn after truncation to "
-                           f"max_seq_len = {cfg.train.max_seq_len}; raise max_seq_len or use train_on: all")
+        raise DatasetError(
+            f"{cfg.dataset}: no example has any token to learn after truncation to "
+            f"max_seq_len = {cfg.train.max_seq_len}; raise max_seq_len or use train_on: all"
+        )
     order = list(range(len(examples)))
     random.Random(cfg.train.seed).shuffle(order)
-    n_val = int(round(len(examples) * cfg.train.val_split))
+    n_val = round(len(examples) * cfg.train.val_split)
     if cfg.train.val_split > 0 and len(examples) >= 2:
         n_val = max(1, min(n_val, len(examples) - 1))
     val = [examples[i] for i in order[:n_val]]
@@ -363,7 +408,7 @@ def micro_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[
     while True:
         order = epoch_order(n_examples, seed, epoch)
         for i in range(0, len(order), batch_size):
-            yield order[i: i + batch_size]
+            yield order[i : i + batch_size]
         epoch += 1
 
 
@@ -422,9 +467,9 @@ def collate_packed(examples: list[Example], pad_id: int, capacity: int) -> dict[
         at = 0
         for e in row:
             n = len(e.input_ids)
-            input_ids[r, at: at + n] = torch.tensor(e.input_ids)
-            position_ids[r, at: at + n] = torch.arange(n)
-            targets[r, at: at + n] = torch.tensor(_targets(e))
+            input_ids[r, at : at + n] = torch.tensor(e.input_ids)
+            position_ids[r, at : at + n] = torch.arange(n)
+            targets[r, at : at + n] = torch.tensor(_targets(e))
             at += n
         position_ids[r, at:] = torch.arange(L - at)
     return {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}
@@ -436,8 +481,18 @@ def preview(cfg: RunConfig, tok, n: int = 3) -> dict[str, Any]:
     lengths = sorted(len(e.input_ids) for e in prep.train + prep.val)
     first = to_chat(read_rows(cfg.dataset)[0], prep.format)
     rendered = _render(tok, first) if isinstance(first, list) else (first if isinstance(first, str) else "".join(first))
-    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
-    return {"format": prep.format, "rows": prep.n_rows, "train": len(prep.train), "val": len(prep.val),
-            "dropped": prep.n_dropped, "tokens_total": sum(lengths), "len_min": lengths[0], "len_p50": pct(0.5),
-            "len_p95": pct(0.95), "len_max": lengths[-1], "rendered_example": rendered,
-            "label_tokens_first": prep.train[0].n_label_tokens if prep.train else 0}
+    pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]
+    return {
+        "format": prep.format,
+        "rows": prep.n_rows,
+        "train": len(prep.train),
+        "val": len(prep.val),
+        "dropped": prep.n_dropped,
+        "tokens_total": sum(lengths),
+        "len_min": lengths[0],
+        "len_p50": pct(0.5),
+        "len_p95": pct(0.95),
+        "len_max": lengths[-1],
+        "rendered_example": rendered,
+        "label_tokens_first": prep.train[0].n_label_tokens if prep.train else 0,
+    }

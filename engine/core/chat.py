@@ -1,7 +1,7 @@
 """The web server's side of chat: a client for the chat worker process. Stdlib only (no torch here).
 
     worker = ChatWorker(home)
-    worker.start("embedded:SmolLM2-135M-Instruct")          # spawns `python -m engine.generate`, loads the base once
+    worker.start("embedded:SmolLM2-135M-Instruct")          # spawns `python -m engine.ml.generate`, loads the base once
     worker.ensure_adapter("run3", "~/.loralab/runs/3/adapter")  # adapters attach to that one base, by name
     for pane, delta in worker.stream_many([("left", msgs, None), ("right", msgs, "run3")], GenParams(seed=7)):
         ...                                                   # both panes grow together, token by token
@@ -9,7 +9,7 @@
     worker.close()                                            # ends the process: every byte of it is freed
 
 The worker holds ONE base model; every pane runs on it, the base pane with the adapters disabled. It
-generates the panes of one request round-robin, one token per pane in turn (engine.generate explains
+generates the panes of one request round-robin, one token per pane in turn (engine.ml.generate explains
 why not as a batch), so all panes fill at once and each pane's text is exactly what that adapter alone
 would produce with the same seed.
 
@@ -30,12 +30,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKER_MODULE = "engine.generate"
+from engine.core.launch import spawn_engine
+
+WORKER_MODULE = "engine.ml.generate"
 BASE_PANE = None  # the adapter value that means "the base model, adapters disabled"
 
 
@@ -44,16 +46,16 @@ class GenParams:
     """Generation settings, the same for every pane so that differences come from the weights."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.0   # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy
     top_p: float = 0.95
-    seed: int = 0              # the sampler is reseeded with this for every pane of every request
+    seed: int = 0  # the sampler is reseeded with this for every pane of every request
     repetition_penalty: float = 1.1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "GenParams":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> GenParams:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
@@ -177,8 +179,15 @@ def log_tail_line(path: Path, max_bytes: int = 8000) -> str:
 class ChatWorker:
     """Client of one chat worker process. Thread-safe; requests are served one after another."""
 
-    def __init__(self, home: str | os.PathLike | None = None, *, python: str = sys.executable,
-                 env: Mapping[str, str] | None = None, load_timeout_s: float = 900.0, reply_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        home: str | os.PathLike | None = None,
+        *,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        load_timeout_s: float = 900.0,
+        reply_timeout_s: float = 300.0,
+    ):
         self.home = Path(home) if home else None
         self.python = python
         self.env = dict(env or {})
@@ -186,11 +195,11 @@ class ChatWorker:
         self.reply_timeout_s = reply_timeout_s
         self._p: _Process | None = None
         self._ids = iter(range(1, 1 << 62))
-        self._lock = threading.RLock()       # guards spawning, loading and the fields below
-        self._want: dict[str, Any] | None = None   # what start() asked for, restored after a crash
+        self._lock = threading.RLock()  # guards spawning, loading and the fields below
+        self._want: dict[str, Any] | None = None  # what start() asked for, restored after a crash
         self._want_adapters: dict[str, str] = {}
-        self.info: dict[str, Any] = {}       # the worker's last report: base, adapters, device, memory
-        self._active: set[int] = set()      # generate requests in flight
+        self.info: dict[str, Any] = {}  # the worker's last report: base, adapters, device, memory
+        self._active: set[int] = set()  # generate requests in flight
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -269,12 +278,19 @@ class ChatWorker:
 
     def _spawn(self) -> dict[str, Any]:
         assert self._want is not None
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", **self.env}
         log = self.log_path
         with open(log, "w") as log_f:  # the child keeps its own descriptor; ours can close
-            popen = subprocess.Popen([self.python, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log_f, cwd=REPO_ROOT, env=env, text=True,
-                                     bufsize=1, start_new_session=True)
+            popen = spawn_engine(
+                [],
+                module=WORKER_MODULE,
+                python=self.python,
+                env=self.env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_f,
+                text=True,
+                bufsize=1,
+            )
         self._p = _Process(popen, log)
         home = str(self.home) if self.home else None
         try:
@@ -323,8 +339,9 @@ class ChatWorker:
         if p is None or p.alive():
             return
         if p.ended_on_purpose:
-            raise ChatError("the chat worker was stopped while this request was running (Unload, or another "
-                            "base model was loaded)")
+            raise ChatError(
+                "the chat worker was stopped while this request was running (Unload, or another base model was loaded)"
+            )
         try:
             code = p.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:  # stdout closed but the process lingers: finish it
@@ -366,10 +383,13 @@ class ChatWorker:
         finally:
             p.close_queue(rid)
 
-    def stream_many(self, requests: Iterable[tuple[Hashable, list[dict[str, str]], str | None]],
-                    params: GenParams = GenParams(),
-                    on_done: Callable[[Hashable, PaneStats], None] | None = None,
-                    cancel: threading.Event | None = None) -> Iterator[tuple[Hashable, str]]:
+    def stream_many(
+        self,
+        requests: Iterable[tuple[Hashable, list[dict[str, str]], str | None]],
+        params: GenParams = GenParams(),
+        on_done: Callable[[Hashable, PaneStats], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[tuple[Hashable, str]]:
         """Yield (pane_id, text delta) for every pane, interleaved as the worker produces them.
 
         `requests` are (pane_id, messages, adapter name or None for the base). When a pane ends,
@@ -411,10 +431,16 @@ class ChatWorker:
                     yield panes[msg["pane"]], msg["delta"]
                 elif ev == "pane_done":
                     if on_done is not None:
-                        on_done(panes[msg["pane"]], PaneStats(
-                            tokens=msg.get("tokens", 0), seconds=msg.get("seconds", 0.0),
-                            first_token_s=msg.get("first_token_s"), stopped=bool(msg.get("stopped")),
-                            error=msg.get("error")))
+                        on_done(
+                            panes[msg["pane"]],
+                            PaneStats(
+                                tokens=msg.get("tokens", 0),
+                                seconds=msg.get("seconds", 0.0),
+                                first_token_s=msg.get("first_token_s"),
+                                stopped=bool(msg.get("stopped")),
+                                error=msg.get("error"),
+                            ),
+                        )
                 elif ev == "done":
                     finished = True
                     self.info = msg.get("info") or self.info
@@ -433,8 +459,9 @@ class ChatWorker:
                 p.send({"op": "stop", "id": rid})  # abandoned (Stop pressed, page closed): stop generating
             p.close_queue(rid)
 
-    def stream(self, messages: list[dict[str, str]], adapter: str | None = None,
-               params: GenParams = GenParams()) -> Iterator[str]:
+    def stream(
+        self, messages: list[dict[str, str]], adapter: str | None = None, params: GenParams = GenParams()
+    ) -> Iterator[str]:
         """One reply, as text deltas; adapter None = the base model."""
         errors: list[str] = []
 

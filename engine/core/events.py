@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 
 class MetricsSink(Protocol):
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
 
-    def log_spectra(self, step: int, spectra: Mapping[str, Sequence[float]],
-                    extra: Mapping[str, Mapping[str, Any]] | None = None) -> None: ...
+    def log_spectra(
+        self, step: int, spectra: Mapping[str, Sequence[float]], extra: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None: ...
 
     def set_summary(self, **fields: Any) -> None: ...
 
@@ -67,8 +69,13 @@ class PrintSink:
         if step % self.every and "val/loss" not in metrics:
             return
         parts = [f"step {step}" + (f"/{int(metrics['total_steps'])}" if "total_steps" in metrics else "")]
-        for key, fmt in (("train/loss", "loss {:.4f}"), ("val/loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
-                         ("grad_norm", "gnorm {:.3f}"), ("tokens_per_s", "{:.0f} tok/s")):
+        for key, fmt in (
+            ("train/loss", "loss {:.4f}"),
+            ("val/loss", "val {:.4f}"),
+            ("lr", "lr {:.2e}"),
+            ("grad_norm", "gnorm {:.3f}"),
+            ("tokens_per_s", "{:.0f} tok/s"),
+        ):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
         if "eta_s" in metrics:

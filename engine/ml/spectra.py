@@ -11,33 +11,29 @@ module at r = 16 this is ~4,000× faster than a full SVD and agrees to ~1e-7 (st
 
 Names follow the math and PEFT: lora_A is A (r × d_in), lora_B is B (d_out × r), scaling is
 alpha/r (alpha/√r with rsLoRA). Module names are the base model's paths (`model.layers.0.self_attn.q_proj`),
-the same as engine.model.describe(). Pure: no database, no UI.
+the same as engine.ml.model.describe(). Pure: no database, no UI.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-ENERGY_K = (1, 2, 4, 8)           # energy_topk reports these k (those ≤ r)
-HEATMAP_VALUES = ("fro_norm", "spectral_norm", "effective_rank", "stable_rank")
+from engine.core.anatomy import layer_kind_grid, layer_of, natural_key
+from engine.core.runs import ADAPTER_CONFIG
+from engine.core.spectrum import HEATMAP_VALUES, spectrum_stats, summarize
+
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the base model at base_model.model
 NOTE_DORA = "DoRA: sigma is the directional low-rank part s·B·A; the learned magnitude is separate"
 NOTE_DORA_NO_BASE = NOTE_DORA + " (magnitude_change needs the base weights; not computed from a folder)"
 NOTE_REFERENCE = "measured against the original base: ΔW = s·(B·A − B₀·A₀), rank ≤ 2r"
-
-# Canonical column order for heatmaps (Llama, GPT-2, NeoX, Phi, Mixtral-style names); others follow.
-_KIND_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "o_proj",
-               "out_proj", "dense", "attn.c_proj", "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1",
-               "c_fc", "dense_h_to_4h", "down_proj", "w2", "fc2", "mlp.c_proj", "dense_4h_to_h")
-
 
 # ---- σ by the QR trick -----------------------------------------------------------------------
 
@@ -45,9 +41,9 @@ _KIND_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqk
 def _core_svdvals(A: Tensor, B: Tensor, dtype: torch.dtype) -> Tensor:
     """σ(B·A) for (batches of) factors A: (..., r, d_in), B: (..., d_out, r), via two thin QRs."""
     # mode="r" skips forming Q; only the triangular factors carry the spectrum.
-    _, Rb = torch.linalg.qr(B.to(dtype), mode="r")      # (..., min(d_out, r), r)
-    _, Ra = torch.linalg.qr(A.to(dtype).mT, mode="r")   # (..., min(d_in, r), r)
-    return torch.linalg.svdvals(Rb @ Ra.mT)             # (..., min(d_out, r), min(d_in, r)) core
+    _, Rb = torch.linalg.qr(B.to(dtype), mode="r")  # (..., min(d_out, r), r)
+    _, Ra = torch.linalg.qr(A.to(dtype).mT, mode="r")  # (..., min(d_in, r), r)
+    return torch.linalg.svdvals(Rb @ Ra.mT)  # (..., min(d_out, r), min(d_in, r)) core
 
 
 def _as_2d(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,29 +64,34 @@ def singular_values(A: Tensor, B: Tensor, scaling: float, *, float64: bool = Fal
     return abs(float(scaling)) * sigma
 
 
-def batched_singular_values(As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], *,
-                            float64: bool = False) -> list[Tensor]:
+def batched_singular_values(
+    As: Sequence[Tensor], Bs: Sequence[Tensor], scalings: Sequence[float], *, float64: bool = False
+) -> list[Tensor]:
     """singular_values() for many modules at once; results in input order.
 
     Modules with equal factor shapes (e.g. the 32 q_proj of a 7B Llama) are stacked into one
     (N, d, r) tensor so QR and svdvals run as a single batched call per shape.
     """
     if not len(As) == len(Bs) == len(scalings):
-        raise ValueError(f"got {len(As)} lora_A, {len(Bs)} lora_B and {len(scalings)} scalings; need one of each per module")
+        raise ValueError(
+            f"got {len(As)} lora_A, {len(Bs)} lora_B and {len(scalings)} scalings; need one of each per module"
+        )
     dtype = torch.float64 if float64 else torch.float32
     groups: dict[tuple, list[int]] = {}
     pairs = [_as_2d(A.detach(), B.detach()) for A, B in zip(As, Bs)]
     for i, (A, B) in enumerate(pairs):
         if A.shape[0] != B.shape[1]:
-            raise ValueError(f"module {i}: lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; "
-                             "need A (r × d_in), B (d_out × r)")
+            raise ValueError(
+                f"module {i}: lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; "
+                "need A (r × d_in), B (d_out × r)"
+            )
         groups.setdefault((tuple(A.shape), tuple(B.shape), A.device, B.device), []).append(i)
     out: list[Tensor | None] = [None] * len(pairs)
     for idx in groups.values():
-        A = torch.stack([pairs[i][0].to(dtype) for i in idx])   # (N, r, d_in)
-        B = torch.stack([pairs[i][1].to(dtype) for i in idx])   # (N, d_out, r)
+        A = torch.stack([pairs[i][0].to(dtype) for i in idx])  # (N, r, d_in)
+        B = torch.stack([pairs[i][1].to(dtype) for i in idx])  # (N, d_out, r)
         s = torch.tensor([abs(float(scalings[i])) for i in idx], dtype=dtype, device=A.device)
-        sigma = s[:, None] * _core_svdvals(A, B, dtype)         # (N, k)
+        sigma = s[:, None] * _core_svdvals(A, B, dtype)  # (N, k)
         for row, i in enumerate(idx):
             out[i] = sigma[row]
     return out  # type: ignore[return-value]
@@ -106,53 +107,33 @@ def reference_factors(A: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Ten
     A, B = _as_2d(A.detach(), B.detach())
     A0, B0 = _as_2d(A0.detach().to(A.device, A.dtype), B0.detach().to(B.device, B.dtype))
     if A.shape != A0.shape or B.shape != B0.shape:
-        raise ValueError(f"reference factors A₀ {tuple(A0.shape)}, B₀ {tuple(B0.shape)} do not match "
-                         f"A {tuple(A.shape)}, B {tuple(B.shape)}")
-    return torch.cat([A, A - A0], dim=0), torch.cat([B - B0, B0], dim=1)   # (2r, d_in), (d_out, 2r)
+        raise ValueError(
+            f"reference factors A₀ {tuple(A0.shape)}, B₀ {tuple(B0.shape)} do not match "
+            f"A {tuple(A.shape)}, B {tuple(B.shape)}"
+        )
+    return torch.cat([A, A - A0], dim=0), torch.cat([B - B0, B0], dim=1)  # (2r, d_in), (d_out, 2r)
 
 
 # ---- statistics ------------------------------------------------------------------------------
-
-
-def spectrum_stats(sigma: Sequence[float] | Tensor, r: int | None = None) -> dict[str, Any]:
-    """fro_norm, spectral_norm, effective_rank, stable_rank and energy_topk from a spectrum.
-
-    effective_rank is Roy & Vetterli (2007): exp(H(p)) with p = σ/Σσ; stable_rank is Σσ²/σ₁².
-    An all-zero spectrum (B = 0 at init) gives 0 for both ranks and for every energy fraction.
-    """
-    s = torch.as_tensor(sigma, dtype=torch.float64).flatten().abs()
-    r = len(s) if r is None else r
-    energy = s.square()
-    total = float(energy.sum())
-    top = float(s.max()) if len(s) else 0.0
-    ks = [k for k in ENERGY_K if k <= r]
-    if total == 0.0:
-        return dict(fro_norm=0.0, spectral_norm=0.0, effective_rank=0.0, stable_rank=0.0,
-                    energy_topk={k: 0.0 for k in ks})
-    p = s[s > 0] / s.sum()
-    entropy = float(-(p * p.log()).sum())
-    cum = torch.sort(energy, descending=True).values.cumsum(0) / total
-    return dict(fro_norm=math.sqrt(total), spectral_norm=top, effective_rank=math.exp(entropy),
-                stable_rank=total / top**2, energy_topk={k: float(cum[min(k, len(cum)) - 1]) for k in ks})
 
 
 @dataclass(frozen=True)
 class ModuleSpectrum:
     """σ(ΔW) of one LoRA module and its summary statistics."""
 
-    name: str                  # base-model path, e.g. model.layers.0.self_attn.q_proj
-    layer: int | None          # first integer path component (transformer block)
-    kind: str                  # last path component, e.g. q_proj
+    name: str  # base-model path, e.g. model.layers.0.self_attn.q_proj
+    layer: int | None  # first integer path component (transformer block)
+    kind: str  # last path component, e.g. q_proj
     r: int
-    scaling: float             # alpha/r, or alpha/√r with rsLoRA
-    sigma: list[float]         # descending; min(r, d_out, d_in) values (up to 2r against a reference)
-    fro_norm: float            # ‖ΔW‖_F = sqrt(Σσ²)
-    spectral_norm: float       # σ₁
-    effective_rank: float      # exp(entropy of σ/Σσ); 0 for ΔW = 0
-    stable_rank: float         # Σσ²/σ₁²; 0 for ΔW = 0
-    energy_topk: dict[int, float] = field(default_factory=dict)   # k → Σ_{i≤k}σᵢ²/Σσ²
+    scaling: float  # alpha/r, or alpha/√r with rsLoRA
+    sigma: list[float]  # descending; min(r, d_out, d_in) values (up to 2r against a reference)
+    fro_norm: float  # ‖ΔW‖_F = sqrt(Σσ²)
+    spectral_norm: float  # σ₁
+    effective_rank: float  # exp(entropy of σ/Σσ); 0 for ΔW = 0
+    stable_rank: float  # Σσ²/σ₁²; 0 for ΔW = 0
+    energy_topk: dict[int, float] = field(default_factory=dict)  # k → Σ_{i≤k}σᵢ²/Σσ²
     note: str = ""
-    magnitude_change: float | None = None   # DoRA only: mean |m − m₀|/m₀
+    magnitude_change: float | None = None  # DoRA only: mean |m − m₀|/m₀
 
     def to_stats(self) -> dict[str, Any]:
         """Flat, JSON-ready dict for storage (energy_topk becomes energy_top1, energy_top2, ...)."""
@@ -161,26 +142,37 @@ class ModuleSpectrum:
         return d
 
 
-def _layer_of(name: str) -> int | None:
-    return next((int(p) for p in name.split(".") if p.isdigit()), None)
-
-
-def _spectrum(name: str, r: int, scaling: float, sigma: Tensor, note: str = "",
-              magnitude_change: float | None = None) -> ModuleSpectrum:
+def _spectrum(
+    name: str, r: int, scaling: float, sigma: Tensor, note: str = "", magnitude_change: float | None = None
+) -> ModuleSpectrum:
     values = [float(x) for x in sigma.detach().cpu().tolist()]
-    return ModuleSpectrum(name=name, layer=_layer_of(name), kind=name.split(".")[-1], r=r, scaling=float(scaling),
-                          sigma=values, note=note, magnitude_change=magnitude_change, **spectrum_stats(values, r))
+    return ModuleSpectrum(
+        name=name,
+        layer=layer_of(name),
+        kind=name.split(".")[-1],
+        r=r,
+        scaling=float(scaling),
+        sigma=values,
+        note=note,
+        magnitude_change=magnitude_change,
+        **spectrum_stats(values, r),
+    )
 
 
-def _spectra_from_factors(factors: dict[str, tuple[Tensor, Tensor, float]],
-                          reference: Mapping[str, tuple[Tensor, Tensor]] | None,
-                          notes: Mapping[str, str], magnitude: Mapping[str, float]) -> dict[str, ModuleSpectrum]:
+def _spectra_from_factors(
+    factors: dict[str, tuple[Tensor, Tensor, float]],
+    reference: Mapping[str, tuple[Tensor, Tensor]] | None,
+    notes: Mapping[str, str],
+    magnitude: Mapping[str, float],
+) -> dict[str, ModuleSpectrum]:
     """One batched σ computation for every module; the shared tail of model_spectra and adapter_spectra."""
     if reference is not None:
         missing = [n for n in factors if n not in reference]
         if missing:
-            raise ValueError(f"reference has no (A₀, B₀) for {len(missing)} module(s), e.g. {missing[:3]}; "
-                             "capture it with capture_reference() right after the adapter is initialised")
+            raise ValueError(
+                f"reference has no (A₀, B₀) for {len(missing)} module(s), e.g. {missing[:3]}; "
+                "capture it with capture_reference() right after the adapter is initialised"
+            )
     names = list(factors)
     As, Bs = [], []
     for n in names:
@@ -209,9 +201,9 @@ def _lora_layers(peft_model, adapter_name: str) -> Iterable[tuple[str, Any, Tens
         if not isinstance(module, LoraLayer):
             continue
         base_name = name.removeprefix(PEFT_PREFIX)
-        if adapter_name in module.lora_A:                      # Linear, Conv1D, ConvNd: nn.Linear/ConvNd factors
+        if adapter_name in module.lora_A:  # Linear, Conv1D, ConvNd: nn.Linear/ConvNd factors
             yield base_name, module, module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
-        elif adapter_name in getattr(module, "lora_embedding_A", {}):   # Embedding: raw Parameters
+        elif adapter_name in getattr(module, "lora_embedding_A", {}):  # Embedding: raw Parameters
             yield base_name, module, module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
 
 
@@ -226,9 +218,9 @@ def _dora_magnitude_change(module, adapter_name: str) -> float:
     from peft.utils.other import transpose
 
     mag = module.lora_magnitude_vector[adapter_name]
-    m = mag.weight.detach().float().flatten()                                  # (d_out,)
+    m = mag.weight.detach().float().flatten()  # (d_out,)
     W = transpose(dequantize_module_weight(module.get_base_layer()).detach(), mag.fan_in_fan_out).float()
-    m0 = W.reshape(W.shape[0], -1).norm(dim=1).to(m.device)                    # (d_out,), as PEFT's norm
+    m0 = W.reshape(W.shape[0], -1).norm(dim=1).to(m.device)  # (d_out,), as PEFT's norm
     keep = m0 > 0
     return float(((m - m0).abs()[keep] / m0[keep]).mean()) if bool(keep.any()) else 0.0
 
@@ -244,8 +236,9 @@ def capture_reference(peft_model, adapter_name: str = "default") -> dict[str, tu
 
 
 @torch.no_grad()
-def model_spectra(peft_model, reference: Mapping[str, tuple[Tensor, Tensor]] | None = None,
-                  adapter_name: str = "default") -> dict[str, ModuleSpectrum]:
+def model_spectra(
+    peft_model, reference: Mapping[str, tuple[Tensor, Tensor]] | None = None, adapter_name: str = "default"
+) -> dict[str, ModuleSpectrum]:
     """σ(ΔW) for every LoRA layer of a live PEFT model, keyed by base-model module name.
 
     Reads lora_A, lora_B and scaling exactly as PEFT's get_delta_weight does (the fan_in_fan_out
@@ -260,91 +253,79 @@ def model_spectra(peft_model, reference: Mapping[str, tuple[Tensor, Tensor]] | N
             notes[name] = NOTE_DORA
             magnitude[name] = _dora_magnitude_change(module, adapter_name)
     if not factors:
-        raise ValueError(f"no LoRA layer with adapter {adapter_name!r} in this model; "
-                         f"adapters present: {sorted(getattr(peft_model, 'peft_config', {}) or [])}")
+        raise ValueError(
+            f"no LoRA layer with adapter {adapter_name!r} in this model; "
+            f"adapters present: {sorted(getattr(peft_model, 'peft_config', {}) or [])}"
+        )
     return _spectra_from_factors(factors, reference, notes, magnitude)
 
 
 # ---- saved adapter folders -------------------------------------------------------------------
 
 # base_model.model.<name>.lora_A.weight (Linear/Conv) or <name>.lora_embedding_A (Embedding); no adapter name.
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
-                  r"|lora_magnitude_vector)(?:\.weight)?$")
-
-
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): first key k with
-    name matching r'(.*\\.)?(k)$'."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<name>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector)(?:\.weight)?$"
+)
 
 
 def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tuple[Tensor, Tensor, float]], set[str]]:
-    """(adapter_config, {name: (A, B, scaling)}, names with a DoRA magnitude) from a PEFT LoRA folder."""
+    """(adapter config, {name: (A, B, scaling)}, names with a DoRA magnitude) from a PEFT LoRA folder.
+
+    peft reads the folder (PeftConfig.from_pretrained, load_peft_weights); scaling follows peft's rule:
+    lora_alpha/r, or lora_alpha/√r with use_rslora, with rank_pattern and alpha_pattern looked up by
+    peft's own get_pattern_key.
+    """
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
+
     folder = Path(adapter_dir)
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no adapter_config.json; expected a PEFT adapter folder "
-                                "(adapter_config.json + adapter_model.safetensors or .bin)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{folder}: peft_type is {cfg.get('peft_type')!r}; spectra need a LoRA adapter (peft_type LORA)")
-    if (folder / "adapter_model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / "adapter_model.safetensors"))
-    elif (folder / "adapter_model.bin").is_file():
-        state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
-
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{folder} has no adapter_config.json; expected a PEFT adapter folder "
+            "(adapter_config.json + adapter_model.safetensors or .bin)"
+        )
+    if not any((folder / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(
+            f"{folder} has adapter_config.json but no adapter_model.safetensors or adapter_model.bin"
+        )
+    cfg = PeftConfig.from_pretrained(str(folder))
+    if str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
+        raise ValueError(f"{folder}: peft_type is {str(cfg.peft_type)!r}; spectra need a LoRA adapter (peft_type LORA)")
+    state = load_peft_weights(str(folder), device="cpu")
     parts: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
         m = _KEY.match(key)
         if m:
             parts.setdefault(m["name"], {})[m["part"].replace("embedding_", "")] = tensor
-    r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rank_pattern, alpha_pattern = cfg.rank_pattern or {}, cfg.alpha_pattern or {}
     factors, dora = {}, set()
-    for name in sorted(parts, key=_natural_key):
+    for name in sorted(parts, key=natural_key):
         p = parts[name]
         if "lora_A" not in p or "lora_B" not in p:
             raise ValueError(f"{folder}: module {name} has {sorted(p)} but needs both lora_A and lora_B")
-        r = _pattern_value(rank_pattern, name, r0)
-        alpha = _pattern_value(alpha_pattern, name, alpha0)
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), cfg.r)
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), cfg.lora_alpha)
         if p["lora_A"].shape[0] != r:
-            raise ValueError(f"{folder}: {name}.lora_A has {p['lora_A'].shape[0]} rows but adapter_config gives "
-                             f"r = {r} (r / rank_pattern); the folder's config and weights disagree")
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        factors[name] = (p["lora_A"], p["lora_B"], scaling)
+            raise ValueError(
+                f"{folder}: {name}.lora_A has {p['lora_A'].shape[0]} rows but adapter_config gives "
+                f"r = {r} (r / rank_pattern); the folder's config and weights disagree"
+            )
+        factors[name] = (p["lora_A"], p["lora_B"], alpha / math.sqrt(r) if cfg.use_rslora else alpha / r)
         if "lora_magnitude_vector" in p:
             dora.add(name)
     if not factors:
-        raise ValueError(f"{folder}: no lora_A/lora_B weights found among {len(state)} tensors "
-                         f"(e.g. {list(state)[:3]}); is this a PEFT LoRA adapter?")
-    return cfg, factors, dora
+        raise ValueError(
+            f"{folder}: no lora_A/lora_B weights found among {len(state)} tensors "
+            f"(e.g. {list(state)[:3]}); is this a PEFT LoRA adapter?"
+        )
+    return cfg.to_dict(), factors, dora
 
 
-def _kind_rank(name: str) -> int:
-    parts = name.split(".")
-    for label in (".".join(parts[-2:]), parts[-1]):
-        if label in _KIND_ORDER:
-            return _KIND_ORDER.index(label)
-    return len(_KIND_ORDER)
-
-
-def _natural_key(name: str) -> tuple:
-    # Saved files list keys alphabetically; this restores model order: layers.2 before layers.10, and
-    # q, k, v, o, gate, up, down within a layer (canonical kinds first, others by name).
-    layer = _layer_of(name)
-    natural = [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in name.split(".")]
-    return (layer is not None, layer or 0, _kind_rank(name), natural)
-
-
-def adapter_spectra(adapter_dir: str | Path,
-                    reference: Mapping[str, tuple[Tensor, Tensor]] | str | Path | None = None) -> dict[str, ModuleSpectrum]:
+def adapter_spectra(
+    adapter_dir: str | Path, reference: Mapping[str, tuple[Tensor, Tensor]] | str | Path | None = None
+) -> dict[str, ModuleSpectrum]:
     """σ(ΔW) for every module of a saved PEFT LoRA adapter folder; no base model needed.
 
     Scaling comes from adapter_config.json: lora_alpha/r, or lora_alpha/√r with use_rslora, honouring
@@ -360,53 +341,38 @@ def adapter_spectra(adapter_dir: str | Path,
 # ---- summaries -------------------------------------------------------------------------------
 
 
-def _columns(spectra: Mapping[str, ModuleSpectrum]) -> dict[str, str]:
-    """Heatmap column label per module: its kind, or parent.kind where a kind repeats within a layer
-    (GPT-2 has attn.c_proj and mlp.c_proj)."""
-    seen: dict[tuple[int | None, str], int] = {}
-    for s in spectra.values():
-        seen[(s.layer, s.kind)] = seen.get((s.layer, s.kind), 0) + 1
-    ambiguous = {kind for (_, kind), n in seen.items() if n > 1}
-    return {n: ".".join(n.split(".")[-2:]) if s.kind in ambiguous else s.kind for n, s in spectra.items()}
-
-
-def heatmap(spectra: Mapping[str, ModuleSpectrum], value: str = "fro_norm"
-            ) -> tuple[list[int], list[str], list[list[float | None]]]:
-    """(layers, kinds, grid) with grid[i][j] = `value` of module kind j in layer i (None where absent).
+def heatmap(
+    spectra: Mapping[str, ModuleSpectrum], value: str = "fro_norm"
+) -> tuple[list[int], list[str], list[list[float | None]]]:
+    """(layers, kinds, grid) with grid[i][j] = `value` of module kind j in layer i (engine.core.anatomy's grid).
 
     `value` is any numeric field of to_stats(): fro_norm, spectral_norm, effective_rank, stable_rank,
-    energy_top1, magnitude_change, ... Modules outside numbered layers are left out.
+    energy_top1, magnitude_change, ...
     """
-    stats = {n: s.to_stats() for n, s in spectra.items() if s.layer is not None}
+    stats = {n: s.to_stats() for n, s in spectra.items()}
     if stats and value not in next(iter(stats.values())):
-        raise ValueError(f"heatmap value {value!r} is not a statistic; choose from "
-                         f"{[k for k, v in next(iter(stats.values())).items() if isinstance(v, float)]}")
-    label = _columns({n: spectra[n] for n in stats})
-    layers = sorted({spectra[n].layer for n in stats})
-    first = {}
-    for n in stats:
-        first.setdefault(label[n], len(first))
-    kinds = sorted(first, key=lambda k: (_kind_rank(k), first[k]))
-    grid: list[list[float | None]] = [[None] * len(kinds) for _ in layers]
-    for n, st in stats.items():
-        grid[layers.index(st["layer"])][kinds.index(label[n])] = st[value]
-    return layers, kinds, grid
+        raise ValueError(
+            f"heatmap value {value!r} is not a statistic; choose from "
+            f"{[k for k, v in next(iter(stats.values())).items() if isinstance(v, float)]}"
+        )
+    return layer_kind_grid({n: st[value] for n, st in stats.items()})
 
 
 def _subspace(M: Tensor | tuple[Tensor, Tensor], side: str) -> Tensor:
     """Orthonormal singular directions, columns sorted by σ: (d, k)."""
-    if isinstance(M, tuple):       # (A, B): singular vectors of ΔW = B·A itself, via the same QR trick
+    if isinstance(M, tuple):  # (A, B): singular vectors of ΔW = B·A itself, via the same QR trick
         A, B = _as_2d(M[0].detach().double(), M[1].detach().double())
-        Qb, Rb = torch.linalg.qr(B)            # (d_out, r), (r, r)
-        Qa, Ra = torch.linalg.qr(A.mT)         # (d_in, r), (r, r)
+        Qb, Rb = torch.linalg.qr(B)  # (d_out, r), (r, r)
+        Qa, Ra = torch.linalg.qr(A.mT)  # (d_in, r), (r, r)
         U, _, Vh = torch.linalg.svd(Rb @ Ra.mT)
-        return Qa @ Vh.mT if side == "right" else Qb @ U    # ΔW = (Qb U) S (Qa V)ᵀ
+        return Qa @ Vh.mT if side == "right" else Qb @ U  # ΔW = (Qb U) S (Qa V)ᵀ
     U, _, Vh = torch.linalg.svd(M.detach().double().reshape(M.shape[0], -1), full_matrices=False)
     return Vh.mT if side == "right" else U
 
 
-def subspace_similarity(M1: Tensor | tuple[Tensor, Tensor], M2: Tensor | tuple[Tensor, Tensor],
-                        i_max: int, j_max: int, side: str = "right") -> list[list[float]]:
+def subspace_similarity(
+    M1: Tensor | tuple[Tensor, Tensor], M2: Tensor | tuple[Tensor, Tensor], i_max: int, j_max: int, side: str = "right"
+) -> list[list[float]]:
     """Hu et al. (LoRA, §7.2) normalised subspace similarity; grid[i-1][j-1] = φ(i, j) ∈ [0, 1].
 
     φ(i, j) = ‖U₁[:, :i]ᵀ U₂[:, :j]‖²_F / min(i, j), where U are top singular directions:
@@ -415,14 +381,18 @@ def subspace_similarity(M1: Tensor | tuple[Tensor, Tensor], M2: Tensor | tuple[T
     Pass M as an (A, B) pair to use the singular vectors of ΔW = B·A itself on that side instead.
     """
     if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' (A's input-space directions) or 'left' (B's output space), not {side!r}")
+        raise ValueError(
+            f"side must be 'right' (A's input-space directions) or 'left' (B's output space), not {side!r}"
+        )
     U1, U2 = _subspace(M1, side), _subspace(M2, side)
     if U1.shape[0] != U2.shape[0]:
         raise ValueError(f"the two subspaces live in different spaces ({U1.shape[0]} vs {U2.shape[0]} dims)")
     if not (1 <= i_max <= U1.shape[1] and 1 <= j_max <= U2.shape[1]):
-        raise ValueError(f"i_max = {i_max}, j_max = {j_max}: need 1 ≤ i_max ≤ {U1.shape[1]} and 1 ≤ j_max ≤ {U2.shape[1]}")
-    G2 = (U1[:, :i_max].mT @ U2[:, :j_max]).square()         # (i_max, j_max) squared cosines
-    cum = G2.cumsum(0).cumsum(1)                              # cum[i-1, j-1] = ‖U₁ᵢᵀ U₂ⱼ‖²_F
+        raise ValueError(
+            f"i_max = {i_max}, j_max = {j_max}: need 1 ≤ i_max ≤ {U1.shape[1]} and 1 ≤ j_max ≤ {U2.shape[1]}"
+        )
+    G2 = (U1[:, :i_max].mT @ U2[:, :j_max]).square()  # (i_max, j_max) squared cosines
+    cum = G2.cumsum(0).cumsum(1)  # cum[i-1, j-1] = ‖U₁ᵢᵀ U₂ⱼ‖²_F
     i = torch.arange(1, i_max + 1, dtype=cum.dtype)[:, None]
     j = torch.arange(1, j_max + 1, dtype=cum.dtype)[None, :]
     return (cum / torch.minimum(i, j)).tolist()
@@ -430,18 +400,9 @@ def subspace_similarity(M1: Tensor | tuple[Tensor, Tensor], M2: Tensor | tuple[T
 
 def to_json(spectra: Mapping[str, ModuleSpectrum]) -> dict[str, Any]:
     """JSON-ready summary of one adapter: per-module sigma + stats, totals, and layer × kind heatmaps."""
-    mods = list(spectra.values())
-    fro_total = math.sqrt(sum(s.fro_norm**2 for s in mods))
-    summary = {
-        "modules": len(mods),
-        "r": sorted({s.r for s in mods}),
-        "fro_norm_total": fro_total,                                  # ‖ΔW‖_F over all modules together
-        "spectral_norm_max": max((s.spectral_norm for s in mods), default=0.0),
-        "effective_rank_mean": sum(s.effective_rank for s in mods) / len(mods) if mods else 0.0,
-        "notes": sorted({s.note for s in mods if s.note}),
-    }
+    modules = {n: s.to_stats() for n, s in spectra.items()}
     heatmaps = {}
     for value in HEATMAP_VALUES:
         layers, kinds, grid = heatmap(spectra, value)
         heatmaps[value] = {"layers": layers, "kinds": kinds, "grid": grid}
-    return {"summary": summary, "modules": {n: s.to_stats() for n, s in spectra.items()}, "heatmaps": heatmaps}
+    return {"summary": summarize(modules), "modules": modules, "heatmaps": heatmaps}

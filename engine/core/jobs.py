@@ -15,12 +15,11 @@ The database is the only source of truth and the queue itself: a run is `queued`
 claims it with one conditional UPDATE (`Store.claim_next_queued`), so the app and any number of
 headless workers can share one database without starting a run twice. The child writes progress and
 its own ending; this module writes what the child cannot: that it died (signal or exit code, with the
-end of its log). Stdlib + engine.config/home + storage only: the web server imports it, never torch.
+end of its log). Stdlib + engine.core.config/home + storage only: the web server imports it, never torch.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shlex
@@ -35,25 +34,21 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
-import engine
-from engine.config import EMBEDDED_MODEL, ConfigError, RunConfig
-from engine.home import data_home
+from engine.core.config import EMBEDDED_MODEL, RunConfig
+from engine.core.home import embedded_dir
+from engine.core.launch import DB_URL_ENV, engine_argv, spawn_engine
+from engine.core.procs import explain_exit, is_training_child, pid_alive, signal_group, tail_text
+from engine.core.runs import CONFIG_NAME, KEEP_CHECKPOINTS, LOG_NAME, latest_checkpoint, run_folder
 from storage import RunRecord, RunStatus, Store, default_db_url
 
-REPO_ROOT = Path(engine.__file__).resolve().parent.parent  # the child runs `-m engine` from here
-LOG_NAME = "train.log"
 START_MARK = "=== "  # each launch writes one line starting with this to train.log
 
 # Disk estimate. A checkpoint holds the fp32 LoRA weights and AdamW's two moment buffers (3 × 4 bytes per
-# trainable parameter); the trainer keeps 2 (engine.train.KEEP_CHECKPOINTS) plus the final adapter.
+# trainable parameter); the trainer keeps KEEP_CHECKPOINTS of them plus the final adapter.
 DEFAULT_TRAINABLE_PARAMS = 50_000_000  # conservative when the count is not known yet (r=64 on a 7B model ≈ 40 M)
-KEEP_CHECKPOINTS = 2
-EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"  # engine.model converts the embedded GGUF into home/models/<this>
 EMBEDDED_CONVERT_BYTES = 600 * 10**6
 DISK_MARGIN_BYTES = 200 * 10**6
 
-OOM_ADVICE = ("most likely the machine ran out of memory (the kernel's OOM killer): lower train.batch_size or "
-              "train.max_seq_len, raise train.grad_accum, use quant: 4bit or train.gradient_checkpointing")
 RESTART_ERROR = "server restarted while the run was active (the training process is gone)"
 ADOPTED_ERROR = "the training process ended while the server was down; see train.log"
 TAIL_HEADER = "\n--- last lines of train.log ---\n"
@@ -74,7 +69,7 @@ def disk_need_bytes(cfg: RunConfig, home: Path, trainable_params: int | None = N
     """Bytes a run of `cfg` writes under the data home, by item: kept checkpoints, adapter, converted base."""
     n = trainable_params or DEFAULT_TRAINABLE_PARAMS
     need = {"checkpoints": KEEP_CHECKPOINTS * n * 4 * 3, "adapter": n * 4}
-    if cfg.model == EMBEDDED_MODEL and not (home / "models" / EMBEDDED_DIRNAME / "model.safetensors").is_file():
+    if cfg.model == EMBEDDED_MODEL and not (embedded_dir(home) / "model.safetensors").is_file():
         need["embedded model, converted once"] = EMBEDDED_CONVERT_BYTES
     return need
 
@@ -85,90 +80,18 @@ def check_disk(cfg: RunConfig, home: Path, trainable_params: int | None = None) 
     total = sum(need.values())
     if free >= total + DISK_MARGIN_BYTES:
         return
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    params = (f"{trainable_params:,} trainable parameters" if trainable_params else
-              f"up to {DEFAULT_TRAINABLE_PARAMS:,} trainable parameters, the count not being known yet")
+    gb = lambda b: f"{b / 1e9:.2f} GB"
+    params = (
+        f"{trainable_params:,} trainable parameters"
+        if trainable_params
+        else f"up to {DEFAULT_TRAINABLE_PARAMS:,} trainable parameters, the count not being known yet"
+    )
     items = ", ".join(f"{what} {gb(b)}" for what, b in need.items())
     raise DiskSpaceError(
         f"not enough disk space in {home}: {gb(free)} free, but this run needs about {gb(total)} ({items}; "
         f"for {params}) plus a {gb(DISK_MARGIN_BYTES)} margin. Free space on that disk, or delete old runs "
-        f"(their runs/<id>/checkpoints folders take the most room).")
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete runs/<id>/checkpoints/step-* folder (engine.train's, without importing torch)."""
-    found = [p for p in sorted(Path(out_dir, "checkpoints").glob("step-*")) if (p / "trainer_state.json").is_file()]
-    return found[-1] if found else None
-
-
-def tail_text(path: Path, max_bytes: int = 4000, max_lines: int = 40) -> str:
-    """The last lines of a text file ('' if it does not exist); progress bars' \\r count as line ends."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except FileNotFoundError:
-        return ""
-    lines = data.decode("utf-8", "replace").splitlines()
-    if size > max_bytes and lines:
-        lines = lines[1:]  # the first one is cut
-    return "\n".join(line for line in lines[-max_lines:] if line.strip())
-
-
-def explain_exit(rc: int) -> str:
-    """An exit status as words: signal name (with OOM advice for SIGKILL) or the exit code."""
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = f"signal {-rc}"
-        msg = f"killed by {name} (exit {rc})"
-        return f"{msg}: {OOM_ADVICE}" if -rc == signal.SIGKILL else msg
-    return f"exited with code {rc}"
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True if the process exists and has not exited; a zombie (dead, not yet reaped) counts as gone."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()  # no procfs (macOS): trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def is_training_child(pid: int | None) -> bool:
-    """True if `pid` is alive and runs `... -m engine ... train ...`: pids get reused after a reboot or crash."""
-    if not pid_alive(pid):
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()
-    except PermissionError:
-        return False
-    return "engine" in argv and "train" in argv
-
-
-def signal_group(pid: int, sig: int) -> bool:
-    """Send `sig` to the process group led by `pid` (our children start their own session), or to the
-    process alone if it leads none (a foreground `python -m engine train`). False if it is gone."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
+        f"(their runs/<id>/checkpoints folders take the most room)."
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -187,18 +110,27 @@ class JobRunner:
     reports what the child cannot: that it died (exit code, signal, log tail).
     """
 
-    def __init__(self, store: Store, home: Path, *, python: str = sys.executable, max_concurrent: int = 1,
-                 poll_s: float = 0.5, db_url: str | None = None, env: Mapping[str, str] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        home: Path,
+        *,
+        python: str = sys.executable,
+        max_concurrent: int = 1,
+        poll_s: float = 0.5,
+        db_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent = {max_concurrent!r}: must be ≥ 1 (runs at the same time)")
         self.store, self.home = store, Path(home).expanduser().resolve()
         self.python, self.max_concurrent, self.poll_s = python, max_concurrent, poll_s
         self.db_url, self.env = db_url, dict(env or {})
         self._say = log or (lambda msg: None)
-        self._lock = threading.RLock()         # claim+launch, the dicts below, cancel's queued check
+        self._lock = threading.RLock()  # claim+launch, the dicts below, cancel's queued check
         self._children: dict[int, subprocess.Popen] = {}  # run id → our child process
-        self._adopted: dict[int, int] = {}      # run id → pid of a live child left by a previous server
+        self._adopted: dict[int, int] = {}  # run id → pid of a live child left by a previous server
         self._cancelling: set[int] = set()
         self._escalations: dict[int, threading.Thread] = {}
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -206,22 +138,21 @@ class JobRunner:
 
     # -- the command ----------------------------------------------------------------------------------
 
-    def command(self, run_id: int, cfg_path: Path) -> list[str]:
-        db = ["--db-url", self.db_url] if self.db_url else []
-        return [self.python, "-m", "engine", "--home", str(self.home), *db, "train", str(cfg_path),
-                "--run-id", str(run_id)]
+    def train_args(self, run_id: int, cfg_path: Path) -> list[str]:
+        return ["train", str(cfg_path), "--run-id", str(run_id)]
 
-    def child_env(self) -> dict[str, str]:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        # The child opens $LORALAB_DB_URL or the home's SQLite; make sure that is our database. The URL goes
-        # in the environment rather than argv, where `ps` would show a password.
-        if not self.db_url and (env.get("LORALAB_DB_URL") or default_db_url(self.home)) != self.store.url:
-            env["LORALAB_DB_URL"] = self.store.url
-        return env
+    def command(self, run_id: int, cfg_path: Path) -> list[str]:
+        """The child's argv: exactly what a user could type (engine.core.launch builds it)."""
+        return engine_argv(self.train_args(run_id, cfg_path), home=self.home, python=self.python)
+
+    def child_db_url(self) -> str | None:
+        """The database the child must open, passed in its environment (never argv, where `ps` shows a password):
+        None when the child finds this very database by itself ($LORALAB_DB_URL or the home's SQLite)."""
+        found = {**os.environ, **self.env}.get(DB_URL_ENV) or default_db_url(self.home)
+        return self.store.url if (self.db_url or found != self.store.url) else None
 
     def run_folder(self, run_id: int, rec: RunRecord | None = None) -> Path:
-        rec = rec or self.store.get_run(run_id)
-        return Path(rec.out_dir) if rec.out_dir else self.home / "runs" / str(run_id)
+        return run_folder(rec or self.store.get_run(run_id), self.home)
 
     def log_path(self, run_id: int) -> Path:
         return self.run_folder(run_id) / LOG_NAME
@@ -236,9 +167,16 @@ class JobRunner:
 
     # -- submit / cancel / resume ----------------------------------------------------------------------
 
-    def submit(self, cfg: RunConfig | Mapping, *, name: str | None = None, parent_id: int | None = None,
-               resume_from: str | None = None, est_mem_gb: float | None = None,
-               trainable_params: int | None = None) -> int:
+    def submit(
+        self,
+        cfg: RunConfig | Mapping,
+        *,
+        name: str | None = None,
+        parent_id: int | None = None,
+        resume_from: str | None = None,
+        est_mem_gb: float | None = None,
+        trainable_params: int | None = None,
+    ) -> int:
         """Validate, check disk space, write the run row (`queued`) and runs/<id>/config.json; return the id.
 
         Raises ConfigError (every problem listed) or DiskSpaceError before anything is written.
@@ -249,13 +187,20 @@ class JobRunner:
             cfg = RunConfig.from_dict(cfg)
         check_disk(cfg, self.home, trainable_params)
         name = name or cfg.name or f"{Path(cfg.model).name}-r{cfg.lora.r}"
-        run_id = self.store.create_run(name, cfg.to_dict(), "", model=cfg.model, parent_id=parent_id,
-                                       resume_from=resume_from, est_mem_gb=est_mem_gb,
-                                       trainable_params=trainable_params)
+        run_id = self.store.create_run(
+            name,
+            cfg.to_dict(),
+            "",
+            model=cfg.model,
+            parent_id=parent_id,
+            resume_from=resume_from,
+            est_mem_gb=est_mem_gb,
+            trainable_params=trainable_params,
+        )
         out = self.home / "runs" / str(run_id)
         out.mkdir(parents=True, exist_ok=True)
         self.store.set_out_dir(run_id, out)
-        _write_atomic(out / "config.json", cfg.to_json())
+        _write_atomic(out / CONFIG_NAME, cfg.to_json())
         self._say(f"run {run_id}: queued ({name})")
         self._wake.set()
         return run_id
@@ -266,7 +211,8 @@ class JobRunner:
         with self._lock:  # our scheduler cannot claim it meanwhile
             rec = self.store.get_run(run_id)
             if rec.status is RunStatus.QUEUED and self.store.finish(
-                    run_id, RunStatus.CANCELLED, error="cancelled before it started", only_if_not_terminal=True):
+                run_id, RunStatus.CANCELLED, error="cancelled before it started", only_if_not_terminal=True
+            ):
                 self._say(f"run {run_id}: cancelled (it was queued)")
                 return f"run {run_id} was queued: cancelled"
             child = self._children.get(run_id)
@@ -275,8 +221,7 @@ class JobRunner:
             return f"run {run_id} already ended ({rec.status.value}); nothing to cancel"
         pid = rec.pid or (child.pid if child else None)
         if pid is None:  # claimed by another runner that has not started it: its launch sees the ending
-            self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled while starting",
-                              only_if_not_terminal=True)
+            self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled while starting", only_if_not_terminal=True)
             return f"run {run_id} was starting: cancelled"
         if not (child or is_training_child(pid)):
             return self._cancel_gone(run_id)
@@ -285,14 +230,17 @@ class JobRunner:
         self.store.update_run(run_id, summary={"cancel_requested": time.time()})  # for a watcher elsewhere
         if not signal_group(pid, signal.SIGTERM):
             return self._cancel_gone(run_id)
-        t = threading.Thread(target=self._escalate, args=(run_id, pid, grace_s), daemon=True,
-                             name=f"cancel-run-{run_id}")
+        t = threading.Thread(
+            target=self._escalate, args=(run_id, pid, grace_s), daemon=True, name=f"cancel-run-{run_id}"
+        )
         with self._lock:
             self._escalations[run_id] = t
         t.start()
         self._say(f"run {run_id}: SIGTERM sent (pid {pid})")
-        return (f"run {run_id}: asked the training process (pid {pid}) to stop; it saves a checkpoint and the "
-                f"adapter, then ends 'cancelled' (killed after {grace_s:g} s if it has not)")
+        return (
+            f"run {run_id}: asked the training process (pid {pid}) to stop; it saves a checkpoint and the "
+            f"adapter, then ends 'cancelled' (killed after {grace_s:g} s if it has not)"
+        )
 
     def _wait_for_pid(self, run_id: int, child: subprocess.Popen | None, timeout: float = 5.0) -> RunRecord:
         """The run, once its pid is known: a run just claimed by a scheduler has none for a moment."""
@@ -305,8 +253,12 @@ class JobRunner:
 
     def _cancel_gone(self, run_id: int) -> str:
         time.sleep(min(1.0, self.poll_s * 2))  # let the child's or its watcher's ending land first
-        if self.store.finish(run_id, RunStatus.CANCELLED, error="cancelled; its training process had already ended",
-                             only_if_not_terminal=True):
+        if self.store.finish(
+            run_id,
+            RunStatus.CANCELLED,
+            error="cancelled; its training process had already ended",
+            only_if_not_terminal=True,
+        ):
             return f"run {run_id}: its training process was already gone; marked cancelled"
         return f"run {run_id} already ended ({self.store.get_run(run_id).status.value}); nothing to cancel"
 
@@ -317,9 +269,14 @@ class JobRunner:
         if not pid_alive(pid):
             return
         # Record the ending first, so that the watcher (ours or another runner's) does not call it a crash.
-        self.store.finish(run_id, RunStatus.CANCELLED, only_if_not_terminal=True,
-                          error=f"cancelled: did not stop within {grace_s:g} s of SIGTERM, killed with SIGKILL"
-                                + TAIL_HEADER + self.log_tail(run_id))
+        self.store.finish(
+            run_id,
+            RunStatus.CANCELLED,
+            only_if_not_terminal=True,
+            error=f"cancelled: did not stop within {grace_s:g} s of SIGTERM, killed with SIGKILL"
+            + TAIL_HEADER
+            + self.log_tail(run_id),
+        )
         signal_group(pid, signal.SIGKILL)
         self._say(f"run {run_id}: SIGKILL after {grace_s:g} s")
 
@@ -340,14 +297,22 @@ class JobRunner:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             every = rec.config.get("train", {}).get("save_every")
-            raise ValueError(f"run {run_id} has no checkpoint to resume from (nothing in {out / 'checkpoints'}; it "
-                             f"stopped before its first save, train.save_every = {every}); submit it again instead")
+            raise ValueError(
+                f"run {run_id} has no checkpoint to resume from (nothing in {out / 'checkpoints'}; it "
+                f"stopped before its first save, train.save_every = {every}); submit it again instead"
+            )
         cfg = RunConfig.from_dict(rec.config)
         if not as_new:
             self._wait_attempt_over(rec)
         if as_new:
-            return self.submit(cfg, name=f"{rec.name} (resumed)", parent_id=run_id, resume_from=str(ckpt),
-                               est_mem_gb=rec.est_mem_gb, trainable_params=rec.trainable_params)
+            return self.submit(
+                cfg,
+                name=f"{rec.name} (resumed)",
+                parent_id=run_id,
+                resume_from=str(ckpt),
+                est_mem_gb=rec.est_mem_gb,
+                trainable_params=rec.trainable_params,
+            )
         check_disk(cfg, self.home, rec.trainable_params)
         self.store.update_run(run_id, summary={"cancel_requested": None})
         self.store.requeue(run_id, resume_from=str(ckpt))
@@ -365,8 +330,10 @@ class JobRunner:
             if not ours and not is_training_child(rec.pid):
                 return
             if time.monotonic() > deadline:
-                raise ValueError(f"run {rec.id}'s training process (pid {rec.pid}) is still shutting down; "
-                                 "try again in a few seconds")
+                raise ValueError(
+                    f"run {rec.id}'s training process (pid {rec.pid}) is still shutting down; "
+                    "try again in a few seconds"
+                )
             time.sleep(0.05)
 
     # -- recovery after a crash or restart ---------------------------------------------------------------
@@ -391,12 +358,17 @@ class JobRunner:
                     continue
                 if is_training_child(rec.pid):
                     self._adopted[rec.id] = rec.pid
-                    threading.Thread(target=self._watch_adopted, args=(rec.id, rec.pid), daemon=True,
-                                     name=f"adopt-run-{rec.id}").start()
+                    threading.Thread(
+                        target=self._watch_adopted, args=(rec.id, rec.pid), daemon=True, name=f"adopt-run-{rec.id}"
+                    ).start()
                     self._say(f"run {rec.id}: adopted its live training process (pid {rec.pid})")
                     continue
-            if self.store.finish(rec.id, RunStatus.FAILED, error=RESTART_ERROR + TAIL_HEADER + self.log_tail(rec.id),
-                                 only_if_not_terminal=True):
+            if self.store.finish(
+                rec.id,
+                RunStatus.FAILED,
+                error=RESTART_ERROR + TAIL_HEADER + self.log_tail(rec.id),
+                only_if_not_terminal=True,
+            ):
                 failed.append(rec.id)
                 self._say(f"run {rec.id}: failed ({RESTART_ERROR})")
         return failed
@@ -416,7 +388,9 @@ class JobRunner:
             pass
         self._wake.set()
 
-    def _finish_attempt(self, run_id: int, pid: int, status: RunStatus, error: str, exit_code: int | None = None) -> bool:
+    def _finish_attempt(
+        self, run_id: int, pid: int, status: RunStatus, error: str, exit_code: int | None = None
+    ) -> bool:
         """Record the ending of the attempt run by `pid`, unless the run already ended or was queued again
         (resumed) since: a watcher must never end the next attempt of the same run."""
         with self._lock:  # our scheduler claims and launches under this lock: no attempt of ours is half-started
@@ -491,7 +465,7 @@ class JobRunner:
     def _launch(self, rec: RunRecord) -> None:
         out = self.run_folder(rec.id, rec)
         out.mkdir(parents=True, exist_ok=True)
-        cfg_path = out / "config.json"
+        cfg_path = out / CONFIG_NAME
         if not cfg_path.is_file():  # claimed between submit's row and its file: the row holds the config
             _write_atomic(cfg_path, json.dumps(rec.config, indent=2))
         cmd = self.command(rec.id, cfg_path)
@@ -500,11 +474,23 @@ class JobRunner:
             log.write(f"{START_MARK}{stamp} run {rec.id} starts: {shlex.join(cmd)}\n".encode())
             log.flush()
             try:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, cwd=REPO_ROOT, env=self.child_env())
+                proc = spawn_engine(
+                    self.train_args(rec.id, cfg_path),
+                    home=self.home,
+                    python=self.python,
+                    db_url=self.child_db_url(),
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
             except OSError as e:
-                self.store.finish(rec.id, RunStatus.FAILED, error=f"could not start the training process: {e}",
-                                  only_if_not_terminal=True)
+                self.store.finish(
+                    rec.id,
+                    RunStatus.FAILED,
+                    error=f"could not start the training process: {e}",
+                    only_if_not_terminal=True,
+                )
                 return
         self._children[rec.id] = proc
         threading.Thread(target=self._watch, args=(rec.id, proc), daemon=True, name=f"watch-run-{rec.id}").start()
@@ -539,117 +525,3 @@ class JobRunner:
         if rec.pid == pid:
             why = f": {rec.error.split(TAIL_HEADER)[0]}" if rec.error and rec.status is not RunStatus.SUCCEEDED else ""
             self._say(f"run {run_id}: {rec.status.value}{why}")
-
-
-# ---- CLI: submit, worker, cancel, resume ---------------------------------------------------------------
-
-
-def _open_store(args) -> Store:
-    return Store(args.db_url) if args.db_url else Store.for_home(data_home(args.home))
-
-
-def _runner(args, open_store, **kw) -> JobRunner:
-    return JobRunner(open_store(args), data_home(args.home), db_url=args.db_url, **kw)
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cmd_submit(args, open_store=_open_store) -> int:
-    runner = _runner(args, open_store)
-    try:
-        cfg = RunConfig.from_file(args.config)
-        run_id = runner.submit(cfg, name=args.name)
-    except (ConfigError, DiskSpaceError) as e:
-        _stderr(f"error: {e}")
-        return 2
-    pos = runner.store.queue_position(run_id)
-    _stderr(f"run {run_id} queued (position {pos}); the app or `python -m engine worker` runs it; "
-            f"log: {runner.log_path(run_id)}")
-    print(run_id)
-    return 0
-
-
-def cmd_worker(args, open_store=_open_store) -> int:
-    runner = _runner(args, open_store, max_concurrent=args.max_concurrent, log=_stderr)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop.is_set():  # a second Ctrl-C: leave at once; the children go on, a later recover() adopts them
-            raise KeyboardInterrupt
-        _stderr(f"worker: {signal.Signals(signum).name}: cancelling running runs (they save a checkpoint); "
-                "press Ctrl-C again to leave them running")
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    failed = runner.recover()
-    if failed:
-        _stderr(f"worker: marked failed after a restart: {', '.join(map(str, failed))}")
-    runner.start()
-    _stderr(f"worker {os.getpid()}: processing the queue of {runner.store!r} "
-            f"({args.max_concurrent} at a time){'; exits when idle' if args.once else ''}")
-    try:
-        while not stop.wait(1.0):
-            if args.once and runner.wait_idle(0):
-                break
-        runner.stop(cancel_running=stop.is_set(), timeout=args.grace)
-    except KeyboardInterrupt:
-        runner.stop()
-    return 0
-
-
-def cmd_cancel(args, open_store=_open_store) -> int:
-    runner = _runner(args, open_store)
-    try:
-        was = runner.store.get_run(args.id).status
-        print(runner.cancel(args.id, grace_s=args.grace))
-    except KeyError as e:
-        _stderr(f"error: {e.args[0] if e.args else e}")
-        return 2
-    if was is RunStatus.RUNNING:  # wait here: this process is what sends SIGKILL after the grace period
-        runner.wait_cancelled(args.id)
-        deadline = time.monotonic() + 10
-        while not runner.store.get_run(args.id).is_terminal and time.monotonic() < deadline:
-            time.sleep(0.2)
-        rec = runner.store.get_run(args.id)
-        print(f"run {args.id}: {rec.status.value}")
-    return 0
-
-
-def cmd_resume(args, open_store=_open_store) -> int:
-    runner = _runner(args, open_store)
-    try:
-        run_id = runner.resume(args.id, as_new=args.as_new)
-    except (KeyError, ValueError) as e:  # DiskSpaceError and ConfigError are ValueErrors
-        _stderr(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
-        return 2
-    _stderr(f"run {run_id} queued to resume; the app or `python -m engine worker` runs it")
-    print(run_id)
-    return 0
-
-
-def add_subcommands(sub, open_store=_open_store) -> None:
-    """Add submit, worker, cancel and resume to `python -m engine`'s subparsers."""
-    s = sub.add_parser("submit", help="add a run to the queue; prints its id (the app or a worker runs it)")
-    s.add_argument("config", help="YAML or JSON run config")
-    s.add_argument("--name", help="a label for the run")
-    s.set_defaults(fn=functools.partial(cmd_submit, open_store=open_store))
-
-    w = sub.add_parser("worker", help="process the queue headless until Ctrl-C or SIGTERM")
-    w.add_argument("--max-concurrent", type=int, default=1, help="runs at the same time (default 1)")
-    w.add_argument("--once", action="store_true", help="exit when nothing is queued or running")
-    w.add_argument("--grace", type=float, default=30.0,
-                   help="on Ctrl-C/SIGTERM, seconds a running run gets to save before it is killed")
-    w.set_defaults(fn=functools.partial(cmd_worker, open_store=open_store))
-
-    c = sub.add_parser("cancel", help="cancel a queued or running run (a running one saves a checkpoint)")
-    c.add_argument("id", type=int)
-    c.add_argument("--grace", type=float, default=30.0, help="seconds before SIGKILL (default 30)")
-    c.set_defaults(fn=functools.partial(cmd_cancel, open_store=open_store))
-
-    r = sub.add_parser("resume", help="queue a failed or cancelled run again from its latest checkpoint")
-    r.add_argument("id", type=int)
-    r.add_argument("--as-new", action="store_true", help="as a new run linked to this one")
-    r.set_defaults(fn=functools.partial(cmd_resume, open_store=open_store))

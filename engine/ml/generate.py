@@ -1,5 +1,5 @@
 """Generation with a base model and any number of LoRA adapters on ONE copy of the base weights, and the
-chat worker process that serves it (`python -m engine.generate`; engine/chat.py is its client).
+chat worker process that serves it (`python -m engine.ml.generate`; engine.core.chat is its client).
 
     session = ChatModel.load(base="embedded:SmolLM2-135M-Instruct", adapters={"pirate": "runs/1/adapter"})
     text = session.reply([{"role": "user", "content": "Who are you?"}], adapter="pirate")
@@ -26,16 +26,18 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, TextStreamer
+from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-from engine import model as M
-from engine.chat import GenParams, adapter_base_model  # noqa: F401  (re-exported from their old home here)
-from engine.config import EMBEDDED_MODEL, RunConfig
-from engine.home import data_home
+from engine.core.chat import GenParams, adapter_base_model
+from engine.core.config import EMBEDDED_MODEL, RunConfig
+from engine.core.home import data_home, embedded_dir
+from engine.ml import model as M
+from engine.ml.turns import PaneStreamer, RngState, RoundRobin, TakeTurns
 
 _UNKNOWN = object()  # adapter state after something outside _activate changed it
 
@@ -48,14 +50,14 @@ def base_keys(model: str, home: Path) -> set[str]:
     """The names one base model goes by: as written, its resolved folder, the hub id of a cache snapshot."""
     keys = {model.strip()}
     if model == EMBEDDED_MODEL:
-        keys.add(str((home / "models" / M.EMBEDDED_DIRNAME).resolve()))
+        keys.add(str(embedded_dir(home).resolve()))
     p = Path(model).expanduser()
     if p.is_dir():
         rp = p.resolve()
         keys.add(str(rp))
         if rp.parent.name == "snapshots" and rp.parent.parent.name.startswith("models--"):
-            keys.add(rp.parent.parent.name[len("models--"):].replace("--", "/"))
-        if rp == (home / "models" / M.EMBEDDED_DIRNAME).resolve():
+            keys.add(rp.parent.parent.name[len("models--") :].replace("--", "/"))
+        if rp == embedded_dir(home).resolve():
             keys.add(EMBEDDED_MODEL)
     return keys
 
@@ -76,8 +78,12 @@ def param_report(model) -> dict[str, int]:
         elif p.data_ptr() not in base_ptrs:
             base_ptrs.add(p.data_ptr())
             base_bytes += nbytes
-    return {"base_tensors": len(base_ptrs), "base_bytes": base_bytes, "lora_tensors": lora_tensors,
-            "lora_bytes": lora_bytes}
+    return {
+        "base_tensors": len(base_ptrs),
+        "base_bytes": base_bytes,
+        "lora_tensors": lora_tensors,
+        "lora_bytes": lora_bytes,
+    }
 
 
 def memory_report(device: torch.device | None = None) -> dict[str, float | None]:
@@ -94,9 +100,12 @@ def memory_report(device: torch.device | None = None) -> dict[str, float | None]
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     cuda = device is not None and device.type == "cuda"
-    return {"rss_gb": rss, "peak_rss_gb": peak,
-            "cuda_allocated_gb": torch.cuda.memory_allocated() / 2**30 if cuda else None,
-            "cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    return {
+        "rss_gb": rss,
+        "peak_rss_gb": peak,
+        "cuda_allocated_gb": torch.cuda.memory_allocated() / 2**30 if cuda else None,
+        "cuda_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
 
 
 class ChatModel:
@@ -111,8 +120,15 @@ class ChatModel:
         self._state: Any = _UNKNOWN
 
     @classmethod
-    def load(cls, base: str, adapters: dict[str, str] | None = None, *, quant: str = "none",
-             home: Path | None = None, device: str = "auto") -> "ChatModel":
+    def load(
+        cls,
+        base: str,
+        adapters: dict[str, str] | None = None,
+        *,
+        quant: str = "none",
+        home: Path | None = None,
+        device: str = "auto",
+    ) -> ChatModel:
         """device: auto (CUDA when there is one), cuda or cpu. Running out of GPU memory while loading
         falls back to the CPU (a training job may hold the GPU) and says so in `note`."""
         home = home or data_home()
@@ -126,7 +142,10 @@ class ChatModel:
         except torch.cuda.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
-            dev, note = torch.device("cpu"), "the GPU ran out of memory while loading (a training job may hold it): running on the CPU"
+            dev, note = (
+                torch.device("cpu"),
+                "the GPU ran out of memory while loading (a training job may hold it): running on the CPU",
+            )
             model = M.load_base_model(ref, cfg, dev, for_training=False)
         model.eval()
         self = cls(base, model, tok, dev, home, quant)
@@ -142,7 +161,8 @@ class ChatModel:
             raise AdapterBaseMismatch(
                 f"adapter {str(path)!r} was trained on base model {trained_on!r}, but the chat holds "
                 f"{self.base_name!r}; an adapter only fits the base it was trained on. Pick {trained_on!r} as the "
-                "base model to chat with this adapter (panes share one base model).")
+                "base model to chat with this adapter (panes share one base model)."
+            )
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         from peft import PeftModel
@@ -177,18 +197,27 @@ class ChatModel:
         self._state = _UNKNOWN
 
     def report(self) -> dict[str, Any]:
-        return {"base": self.base_name, "quant": self.quant, "device": str(self.device), "note": self.note,
-                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-                "adapters": dict(self.adapters), "cuda_available": torch.cuda.is_available(),
-                "threads": torch.get_num_threads(), **param_report(self.model), **memory_report(self.device)}
+        return {
+            "base": self.base_name,
+            "quant": self.quant,
+            "device": str(self.device),
+            "note": self.note,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "adapters": dict(self.adapters),
+            "cuda_available": torch.cuda.is_available(),
+            "threads": torch.get_num_threads(),
+            **param_report(self.model),
+            **memory_report(self.device),
+        }
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
         out = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
         ids = out["input_ids"] if hasattr(out, "keys") else out  # transformers 5 may return a BatchEncoding
         return ids.to(self.device)
 
-    def stream(self, messages: list[dict[str, str]], adapter: str | None = None,
-               params: GenParams = GenParams()) -> Iterator[str]:
+    def stream(
+        self, messages: list[dict[str, str]], adapter: str | None = None, params: GenParams = GenParams()
+    ) -> Iterator[str]:
         """Yield the reply text piece by piece (the growing reply is the concatenation)."""
         ids = self.prompt_ids(messages)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
@@ -199,8 +228,12 @@ class ChatModel:
                 with self.lock, torch.no_grad():
                     self._activate(adapter)
                     torch.manual_seed(params.seed)
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                        **self._gen_kwargs(params))
+                    self.model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        streamer=streamer,
+                        **self._gen_kwargs(params),
+                    )
             except BaseException as e:  # re-raised in the consumer's thread below
                 errors.append(e)
                 streamer.end()
@@ -212,14 +245,17 @@ class ChatModel:
         if errors:
             raise errors[0]
 
-    def reply(self, messages: list[dict[str, str]], adapter: str | None = None,
-              params: GenParams = GenParams()) -> str:
+    def reply(self, messages: list[dict[str, str]], adapter: str | None = None, params: GenParams = GenParams()) -> str:
         return "".join(self.stream(messages, adapter, params))
 
-    def generate_many(self, panes: list[tuple[Hashable, list[dict[str, str]], str | None]], params: GenParams,
-                      on_delta: Callable[[Hashable, str], None],
-                      on_done: Callable[[Hashable, dict[str, Any]], None],
-                      stop: threading.Event | None = None) -> None:
+    def generate_many(
+        self,
+        panes: list[tuple[Hashable, list[dict[str, str]], str | None]],
+        params: GenParams,
+        on_delta: Callable[[Hashable, str], None],
+        on_done: Callable[[Hashable, dict[str, Any]], None],
+        stop: threading.Event | None = None,
+    ) -> None:
         """Every pane's reply, round-robin one token per pane, each exactly as that adapter alone would
         write it with params.seed. on_delta(pane, text) as text arrives; on_done(pane, stats) at its end."""
         stop = stop or threading.Event()
@@ -227,23 +263,39 @@ class ChatModel:
         for pane, messages, adapter in panes:
             if adapter is not None and adapter not in self.adapters:
                 loaded = ", ".join(self.adapters) or "none"
-                on_done(pane, {"tokens": 0, "seconds": 0.0, "first_token_s": None, "stopped": False,
-                               "error": f"adapter {adapter!r} is not loaded (loaded: {loaded})"})
+                on_done(
+                    pane,
+                    {
+                        "tokens": 0,
+                        "seconds": 0.0,
+                        "first_token_s": None,
+                        "stopped": False,
+                        "error": f"adapter {adapter!r} is not loaded (loaded: {loaded})",
+                    },
+                )
             else:
                 runnable.append((pane, messages, adapter))
         if not runnable:
             return
         with self.lock:
             turns = RoundRobin([pane for pane, _, _ in runnable])
-            threads = [threading.Thread(target=self._run_pane, args=(*r, params, turns, stop, on_delta, on_done),
-                                        name=f"pane-{r[0]}", daemon=True) for r in runnable]
+            threads = [
+                threading.Thread(
+                    target=self._run_pane,
+                    args=(*r, params, turns, stop, on_delta, on_done),
+                    name=f"pane-{r[0]}",
+                    daemon=True,
+                )
+                for r in runnable
+            ]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
 
-    def _run_pane(self, pane, messages, adapter, params: GenParams, turns: "RoundRobin", stop: threading.Event,
-                  on_delta, on_done) -> None:
+    def _run_pane(
+        self, pane, messages, adapter, params: GenParams, turns: RoundRobin, stop: threading.Event, on_delta, on_done
+    ) -> None:
         stats: dict[str, Any] = {"tokens": 0, "seconds": 0.0, "first_token_s": None, "stopped": False, "error": None}
         streamer = PaneStreamer(self.tok, lambda text: on_delta(pane, text))
         turns.wait(pane)
@@ -259,10 +311,18 @@ class ChatModel:
 
             take_turns = TakeTurns(turns, pane, stop, on_pause=rng.save, on_resume=resume)
             ids = self.prompt_ids(messages)
-            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                stopping_criteria=StoppingCriteriaList([take_turns]), **self._gen_kwargs(params))
-            stats.update(tokens=streamer.n_tokens, stopped=take_turns.stopped,
-                         first_token_s=None if streamer.first_at is None else streamer.first_at - t0)
+            self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([take_turns]),
+                **self._gen_kwargs(params),
+            )
+            stats.update(
+                tokens=streamer.n_tokens,
+                stopped=take_turns.stopped,
+                first_token_s=None if streamer.first_at is None else streamer.first_at - t0,
+            )
         except Exception as e:  # reported in this pane; the other panes go on
             stats["error"] = f"{type(e).__name__}: {e}"
         finally:
@@ -271,8 +331,12 @@ class ChatModel:
         on_done(pane, stats)
 
     def _gen_kwargs(self, p: GenParams) -> dict[str, Any]:
-        kw: dict[str, Any] = {"max_new_tokens": p.max_new_tokens, "repetition_penalty": p.repetition_penalty,
-                              "pad_token_id": self.tok.pad_token_id, "eos_token_id": self.tok.eos_token_id}
+        kw: dict[str, Any] = {
+            "max_new_tokens": p.max_new_tokens,
+            "repetition_penalty": p.repetition_penalty,
+            "pad_token_id": self.tok.pad_token_id,
+            "eos_token_id": self.tok.eos_token_id,
+        }
         if p.temperature > 0:
             kw.update(do_sample=True, temperature=p.temperature, top_p=p.top_p)
         else:
@@ -300,109 +364,11 @@ class ChatModel:
         self._state = adapter
 
 
-# ---- taking turns --------------------------------------------------------------------------------------
-
-
-class RoundRobin:
-    """Whose turn it is among the panes still generating; a pane runs model code only on its turn."""
-
-    def __init__(self, order: list[Hashable]):
-        self.order = list(order)
-        self.i = 0
-        self.cv = threading.Condition()
-
-    def _mine(self, me: Hashable) -> bool:
-        return bool(self.order) and self.order[self.i] == me
-
-    def wait(self, me: Hashable) -> None:
-        with self.cv:
-            self.cv.wait_for(lambda: self._mine(me))
-
-    def pass_on(self, me: Hashable) -> bool:
-        """Hand the turn to the next pane and wait for it to come back; True if another pane ran meanwhile."""
-        with self.cv:
-            if len(self.order) == 1:
-                return False
-            self.i = (self.i + 1) % len(self.order)
-            self.cv.notify_all()
-            self.cv.wait_for(lambda: self._mine(me))
-            return True
-
-    def leave(self, me: Hashable) -> None:
-        with self.cv:
-            k = self.order.index(me)
-            del self.order[k]
-            if k < self.i:
-                self.i -= 1
-            self.i = self.i % len(self.order) if self.order else 0
-            self.cv.notify_all()
-
-
-class RngState:
-    """The global torch RNG state of one pane, kept while the other panes sample."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.cpu_state: torch.Tensor | None = None
-        self.cuda_state: torch.Tensor | None = None
-
-    def save(self) -> None:
-        self.cpu_state = torch.get_rng_state()
-        if self.cuda:
-            self.cuda_state = torch.cuda.get_rng_state()
-
-    def restore(self) -> None:
-        if self.cpu_state is not None:
-            torch.set_rng_state(self.cpu_state)
-        if self.cuda_state is not None:
-            torch.cuda.set_rng_state(self.cuda_state)
-
-
-class TakeTurns(StoppingCriteria):
-    """A stopping criterion called after every token: stops on Stop, else passes the turn."""
-
-    def __init__(self, turns: RoundRobin, pane: Hashable, stop: threading.Event, on_pause, on_resume):
-        self.turns, self.pane, self.stop, self.on_pause, self.on_resume = turns, pane, stop, on_pause, on_resume
-        self.stopped = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if self.stop.is_set():
-            self.stopped = True
-            return ~done
-        if len(self.turns.order) > 1:
-            self.on_pause()
-            if self.turns.pass_on(self.pane):
-                self.on_resume()
-        return done
-
-
-class PaneStreamer(TextStreamer):
-    """TextStreamer that hands each finished piece of text to a callback and counts the new tokens."""
-
-    def __init__(self, tok, emit: Callable[[str], None]):
-        super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
-        self.emit = emit
-        self.n_tokens = 0
-        self.first_at: float | None = None
-
-    def put(self, value) -> None:
-        if not (self.skip_prompt and self.next_tokens_are_prompt):
-            self.n_tokens += int(value.numel())
-            if self.first_at is None:
-                self.first_at = time.perf_counter()
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.emit(text)
-
-
 # ---- the worker process ------------------------------------------------------------------------------
 
 
 class Worker:
-    """Serves JSON-line requests (see engine/chat.py) on one ChatModel. The reading thread answers `stop`
+    """Serves JSON-line requests (see engine.core.chat) on one ChatModel. The reading thread answers `stop`
     and `info` at once; everything else runs in order on one job thread."""
 
     def __init__(self, out):
@@ -425,7 +391,13 @@ class Worker:
     def info(self) -> dict[str, Any]:
         floor = {"pid": os.getpid(), "startup_rss_gb": self.startup["rss_gb"]}
         if self.chat is None:
-            return {"base": None, "adapters": {}, "cuda_available": torch.cuda.is_available(), **memory_report(), **floor}
+            return {
+                "base": None,
+                "adapters": {},
+                "cuda_available": torch.cuda.is_available(),
+                **memory_report(),
+                **floor,
+            }
         return {**self.chat.report(), **floor}
 
     def submit(self, msg: dict[str, Any]) -> None:
@@ -465,8 +437,9 @@ class Worker:
             if threads > 0:
                 torch.set_num_threads(threads)
             home = Path(msg["home"]) if msg.get("home") else data_home()
-            self.chat = ChatModel.load(msg["base"], quant=msg.get("quant", "none"), home=home,
-                                       device=msg.get("device", "auto"))
+            self.chat = ChatModel.load(
+                msg["base"], quant=msg.get("quant", "none"), home=home, device=msg.get("device", "auto")
+            )
         elif op == "add_adapter":
             self._need().add_adapter(msg["name"], msg["dir"])
         elif op == "remove_adapter":
@@ -492,11 +465,14 @@ class Worker:
         chat = self._need()
         panes = [(p["pane"], p["messages"], p.get("adapter")) for p in msg["panes"]]
         chat.generate_many(
-            panes, GenParams.from_dict(msg.get("params")),
+            panes,
+            GenParams.from_dict(msg.get("params")),
             on_delta=lambda pane, text: self.send({"id": rid, "event": "delta", "pane": pane, "delta": text}),
-            on_done=lambda pane, stats: self.send({"id": rid, "event": "pane_done", "pane": pane, "done": True,
-                                                   **stats}),
-            stop=self.stops.get(rid))
+            on_done=lambda pane, stats: self.send(
+                {"id": rid, "event": "pane_done", "pane": pane, "done": True, **stats}
+            ),
+            stop=self.stops.get(rid),
+        )
         self.send({"id": rid, "event": "done", "info": self.info()})
 
 

@@ -18,19 +18,19 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from engine import data as D
-from engine import model as M
-from engine.config import RunConfig
-from engine.events import MetricsSink, NullSink
-from engine.home import data_home
-
-KEEP_CHECKPOINTS = 2
+from engine.core import runs as R
+from engine.core.config import RunConfig
+from engine.core.events import MetricsSink, NullSink
+from engine.core.home import data_home
+from engine.ml import data as D
+from engine.ml import model as M
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,7 +39,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
-    status: str                      # succeeded | cancelled
+    status: str  # succeeded | cancelled
     steps_done: int
     total_steps: int
     adapter_dir: str
@@ -56,19 +56,27 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def get_lr(step: int, cfg: RunConfig, total_steps: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
-    tr = cfg.train
-    # 1) linear warmup
-    if step < tr.warmup_steps:
-        return (step + 1) / (tr.warmup_steps + 1)
-    if tr.scheduler == "constant":
-        return 1.0
-    # 2) decay over the remaining steps, down to 10% (cosine) or 0 (linear)
-    progress = min(1.0, (step - tr.warmup_steps) / max(1, total_steps - tr.warmup_steps))
-    if tr.scheduler == "linear":
-        return 1.0 - progress
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+# transformers' schedules (the same curves as Trainer): linear warmup from 0 over warmup_steps, then
+# cosine down to 10 % of the peak, linear down to 0, or constant.
+SCHEDULES = {
+    "cosine": ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+    "linear": ("linear", {}),
+    "constant": ("constant_with_warmup", {}),
+}
+
+
+def make_scheduler(opt, cfg: RunConfig, total_steps: int):
+    """The learning-rate schedule of cfg.train as a torch LambdaLR from transformers.get_scheduler."""
+    from transformers import get_scheduler
+
+    name, kwargs = SCHEDULES[cfg.train.scheduler]
+    return get_scheduler(
+        name,
+        opt,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=kwargs or None,
+    )
 
 
 def pick_threads(requested: int) -> int:
@@ -104,9 +112,15 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # non-Linux fallback (KiB on Linux)
 
 
-def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
-          should_stop: Callable[[], bool] = lambda: False, *, resume_from: str | Path | None = None,
-          home: Path | None = None) -> TrainResult:
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    sink: MetricsSink = NullSink(),
+    should_stop: Callable[[], bool] = lambda: False,
+    *,
+    resume_from: str | Path | None = None,
+    home: Path | None = None,
+) -> TrainResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     home = home or data_home()
@@ -133,7 +147,7 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     if cfg.lora.init != "gaussian":
         # PiSSA/OLoRA change the base weight to W − B₀A₀; spectra must measure against the original W,
         # and the saved adapter is converted so that it applies to the original base.
-        from engine.spectra import capture_reference
+        from engine.ml.spectra import capture_reference
 
         reference = capture_reference(model)
         model.peft_config["default"].init_lora_weights = True
@@ -156,16 +170,22 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
     if cfg.lora.freeze_A:
         from peft.optimizers import create_lorafa_optimizer
 
-        opt = create_lorafa_optimizer(model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lr=tr.lr,
-                                      weight_decay=tr.weight_decay)
+        opt = create_lorafa_optimizer(
+            model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lr=tr.lr, weight_decay=tr.weight_decay
+        )
     elif cfg.lora.loraplus_lr_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
-        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=tr.lr, loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
-                                        weight_decay=tr.weight_decay)
+        opt = create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=tr.lr,
+            loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+            weight_decay=tr.weight_decay,
+        )
     else:
         opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: get_lr(s, cfg, total_steps))
+    sched = make_scheduler(opt, cfg, total_steps)
 
     # 5) resume -----------------------------------------------------------------------------------
     step, tokens_seen, best_val, elapsed_before = 0, 0, None, 0.0
@@ -174,14 +194,17 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val, elapsed_before = state.get("best_val_loss"), state.get("elapsed_s", 0.0)
     est = estimate_memory(cfg, home, device)
-    sink.set_summary(total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device),
-                     est_mem_gb=est)
+    sink.set_summary(
+        total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device), est_mem_gb=est
+    )
     sink.log(step, {"total_steps": total_steps, "train/examples": len(prep.train), "val/examples": len(prep.val)})
 
-    packed = tr.packing and packing_agrees(model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len,
-                                           device, autocast)
-    make_batch = (lambda mb: D.collate_packed(mb, pad_id, tr.max_seq_len)) if packed else \
-        (lambda mb: D.collate(mb, pad_id))
+    packed = tr.packing and packing_agrees(
+        model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len, device, autocast
+    )
+    make_batch = (
+        (lambda mb: D.collate_packed(mb, pad_id, tr.max_seq_len)) if packed else (lambda mb: D.collate(mb, pad_id))
+    )
 
     batches = D.micro_batches(len(prep.train), tr.batch_size, tr.seed)
     for _ in range(step * tr.grad_accum):  # skip what was already trained; the order is a pure function
@@ -222,16 +245,28 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
         if step % tr.log_every == 0 or step == total_steps:
             last_loss, gn = float(loss_acc), float(grad_norm)  # the one host sync of the step
             if not (math.isfinite(last_loss) and math.isfinite(gn)):
-                raise TrainingDiverged(f"loss became {last_loss} (grad norm {gn}) at step {step}; lower train.lr "
-                                       f"(now {tr.lr}) or raise warmup_steps, or use dtype fp32")
+                raise TrainingDiverged(
+                    f"loss became {last_loss} (grad norm {gn}) at step {step}; lower train.lr "
+                    f"(now {tr.lr}) or raise warmup_steps, or use dtype fp32"
+                )
             now = time.time()
             rate = (step - steps_at_start) / max(1e-9, now - t_loop)
-            sink.log(step, {"train/loss": last_loss, "lr": sched.get_last_lr()[0], "grad_norm": gn,
-                            "tokens_per_s": tok_window / max(1e-9, now - t_window), "tokens_seen": tokens_seen,
-                            "pad_frac": 1.0 - tok_window / max(1, slot_window),
-                            "epoch": step / steps_per_epoch, "elapsed_s": elapsed_before + now - t_start,
-                            "eta_s": (total_steps - step) / max(rate, 1e-9), "total_steps": total_steps,
-                            "mem/peak_gb": peak_mem_gb(device, rss_base)})
+            sink.log(
+                step,
+                {
+                    "train/loss": last_loss,
+                    "lr": sched.get_last_lr()[0],
+                    "grad_norm": gn,
+                    "tokens_per_s": tok_window / max(1e-9, now - t_window),
+                    "tokens_seen": tokens_seen,
+                    "pad_frac": 1.0 - tok_window / max(1, slot_window),
+                    "epoch": step / steps_per_epoch,
+                    "elapsed_s": elapsed_before + now - t_start,
+                    "eta_s": (total_steps - step) / max(rate, 1e-9),
+                    "total_steps": total_steps,
+                    "mem/peak_gb": peak_mem_gb(device, rss_base),
+                },
+            )
             tok_window, slot_window, t_window = 0, 0, now
         loss_acc.zero_()
 
@@ -240,35 +275,81 @@ def train(cfg: RunConfig, out_dir: str | Path, sink: MetricsSink = NullSink(),
             best_val = last_val if best_val is None else min(best_val, last_val)
             sink.log(step, {"val/loss": last_val})
         if tr.save_every and step % tr.save_every == 0 and step < total_steps:
-            ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val,
-                                   elapsed_before + time.time() - t_start, keep=KEEP_CHECKPOINTS)
+            ckpt = save_checkpoint(
+                out_dir,
+                model,
+                opt,
+                sched,
+                step,
+                tokens_seen,
+                best_val,
+                elapsed_before + time.time() - t_start,
+                keep=R.KEEP_CHECKPOINTS,
+            )
             log_spectra(sink, step, model, reference)  # how the spectrum evolves, checkpoint by checkpoint
             sink.log(step, {"checkpoint": step})
 
     # 7) adapter, spectra, summary ---------------------------------------------------------------------
     elapsed = elapsed_before + time.time() - t_start
-    ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=KEEP_CHECKPOINTS)
+    ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=R.KEEP_CHECKPOINTS)
     adapter_dir = save_adapter(model, tok, out_dir, cfg)
-    extra = {"format": prep.format, "rows": prep.n_rows, "dropped": prep.n_dropped, "train_examples": len(prep.train),
-             "val_examples": len(prep.val), "data_fingerprint": prep.fingerprint, "packing": packed}
+    extra = {
+        "format": prep.format,
+        "rows": prep.n_rows,
+        "dropped": prep.n_dropped,
+        "train_examples": len(prep.train),
+        "val_examples": len(prep.val),
+        "data_fingerprint": prep.fingerprint,
+        "packing": packed,
+    }
     log_spectra(sink, step, model, reference)
-    result = TrainResult(status, step, total_steps, str(adapter_dir), str(ckpt) if ckpt else None, last_loss,
-                         best_val, last_val, tokens_seen, elapsed, peak_mem_gb(device, rss_base), trainable, total,
-                         str(device), extra)
-    sink.set_summary(final_loss=last_loss, best_val_loss=best_val, final_val_loss=last_val, steps_done=step,
-                     tokens_seen=tokens_seen, duration_s=elapsed, peak_mem_gb=result.peak_mem_gb,
-                     adapter_dir=str(adapter_dir), summary=extra)
+    result = TrainResult(
+        status,
+        step,
+        total_steps,
+        str(adapter_dir),
+        str(ckpt) if ckpt else None,
+        last_loss,
+        best_val,
+        last_val,
+        tokens_seen,
+        elapsed,
+        peak_mem_gb(device, rss_base),
+        trainable,
+        total,
+        str(device),
+        extra,
+    )
+    sink.set_summary(
+        final_loss=last_loss,
+        best_val_loss=best_val,
+        final_val_loss=last_val,
+        steps_done=step,
+        tokens_seen=tokens_seen,
+        duration_s=elapsed,
+        peak_mem_gb=result.peak_mem_gb,
+        adapter_dir=str(adapter_dir),
+        summary=extra,
+    )
     return result
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[D.Example], batch_size: int, pad_id: int, device, autocast,
-             packed: bool = False, capacity: int = 512) -> float:
+def evaluate(
+    model,
+    examples: list[D.Example],
+    batch_size: int,
+    pad_id: int,
+    device,
+    autocast,
+    packed: bool = False,
+    capacity: int = 512,
+) -> float:
     """Mean per-token loss over the validation examples (dropout off)."""
     model.eval()
     total, n = torch.zeros((), device=device, dtype=torch.float64), 0
     for i in range(0, len(examples), batch_size):
-        mb = examples[i: i + batch_size]
+        mb = examples[i : i + batch_size]
         batch = D.collate_packed(mb, pad_id, capacity) if packed else D.collate(mb, pad_id)
         with autocast:
             total += token_losses(model, {k: v.to(device) for k, v in batch.items()}, fast=packed).sum()
@@ -285,15 +366,15 @@ def token_losses(model, batch: dict[str, torch.Tensor], *, fast: bool) -> torch.
     vocabulary the head is ~20% of the model's FLOPs. The standard path computes all logits.
     """
     targets = batch["targets"]
-    mask = targets != D.IGNORE                                   # (R, L)
+    mask = targets != D.IGNORE  # (R, L)
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
     if fast:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         decoder = getattr(base, base.base_model_prefix)
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state   # (R, L, H)
-        logits = base.get_output_embeddings()(hidden[mask])             # (N, V)
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (R, L, H)
+        logits = base.get_output_embeddings()(hidden[mask])  # (N, V)
     else:
-        logits = model(**inputs, use_cache=False).logits[mask]           # (N, V)
+        logits = model(**inputs, use_cache=False).logits[mask]  # (N, V)
     return torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="none")
 
 
@@ -315,13 +396,15 @@ def packing_agrees(model, examples: list[D.Example], pad_id: int, capacity: int,
             packed_batch = D.collate_packed(examples, pad_id, capacity)
             fast = token_losses(model, {k: v.to(device) for k, v in packed_batch.items()}, fast=True)
         # Per-token losses in packed order: undo the packing order to compare token by token.
-        order = [e for row in D.pack_rows(examples, max(capacity, max(len(e.input_ids) for e in examples)))
-                 for e in row]
+        order = [
+            e for row in D.pack_rows(examples, max(capacity, max(len(e.input_ids) for e in examples))) for e in row
+        ]
         counts = [e.n_label_tokens for e in examples]
         starts = [sum(counts[:i]) for i in range(len(examples))]
         pos = {id(e): i for i, e in enumerate(examples)}
-        ref_in_packed_order = torch.cat([ref[starts[pos[id(e)]]: starts[pos[id(e)]] + counts[pos[id(e)]]]
-                                         for e in order])
+        ref_in_packed_order = torch.cat(
+            [ref[starts[pos[id(e)]] : starts[pos[id(e)]] + counts[pos[id(e)]]] for e in order]
+        )
         tol = 1e-3 if ref.dtype == torch.float32 and not torch.is_autocast_enabled(device.type) else 5e-2
         return ref.shape == fast.shape and bool(torch.allclose(fast, ref_in_packed_order, atol=tol, rtol=tol))
     except (TypeError, AttributeError, ValueError, RuntimeError):  # the model's forward cannot take this layout
@@ -331,7 +414,7 @@ def packing_agrees(model, examples: list[D.Example], pad_id: int, capacity: int,
 
 
 def log_spectra(sink: MetricsSink, step: int, model, reference) -> None:
-    from engine.spectra import model_spectra
+    from engine.ml.spectra import model_spectra
 
     spectra = model_spectra(model, reference)
     sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
@@ -344,11 +427,10 @@ def estimate_memory(cfg: RunConfig, home: Path, device: torch.device) -> float |
     fixed runtime overhead (already in the baseline) is left out; on GPU it is max_memory_allocated,
     which does not see the CUDA context either.
     """
-    from engine import estimate as E
+    from engine.core import estimate as E
 
     anatomy = M.inspect_model(cfg.model, home, trust_remote_code=cfg.trust_remote_code)
-    est = E.estimate(anatomy, cfg, device=device.type,
-                     bf16_capable=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    est = E.estimate(anatomy, cfg, device=device.type, bf16_capable=M.bf16_capable(device))
     return E.gb(est.allocated_bytes)
 
 
@@ -363,8 +445,8 @@ def peak_mem_gb(device: torch.device, rss_base: float) -> float:
 
 def save_adapter(model, tok, out_dir: Path, cfg: RunConfig) -> Path:
     """Standard PEFT folder (adapter_config.json + adapter_model.safetensors) plus the tokenizer."""
-    target = out_dir / "adapter"
-    tmp = out_dir / "adapter.tmp"
+    target = out_dir / R.ADAPTER_DIRNAME
+    tmp = out_dir / f"{R.ADAPTER_DIRNAME}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora.init != "gaussian":
         # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
@@ -379,40 +461,52 @@ def save_adapter(model, tok, out_dir: Path, cfg: RunConfig) -> Path:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
-def save_checkpoint(out_dir: Path, model, opt, sched, step: int, tokens_seen: int, best_val: float | None,
-                    elapsed_s: float, keep: int = KEEP_CHECKPOINTS) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    model,
+    opt,
+    sched,
+    step: int,
+    tokens_seen: int,
+    best_val: float | None,
+    elapsed_s: float,
+    keep: int = R.KEEP_CHECKPOINTS,
+) -> Path:
     """Adapter + optimizer + scheduler + step + RNG, written to a temp folder and renamed (crash-safe)."""
-    root = out_dir / "checkpoints"
+    root = out_dir / R.CHECKPOINTS_DIRNAME
     root.mkdir(exist_ok=True)
-    target = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
+    target = root / R.checkpoint_name(step)
+    tmp = root / f".tmp-{R.checkpoint_name(step)}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()}, tmp / "trainer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(
-        {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed_s}))
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()}, tmp / "trainer.pt"
+    )
+    (tmp / R.TRAINER_STATE).write_text(
+        json.dumps({"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed_s})
+    )
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    for old in sorted(root.glob(f"{R.CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> dict[str, Any]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint (no trainer_state.json); pick a runs/<id>/checkpoints/step-* folder")
+    if not (path / R.TRAINER_STATE).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a checkpoint (no trainer_state.json); pick a runs/<id>/checkpoints/step-* folder"
+        )
     set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     blob = torch.load(path / "trainer.pt", weights_only=False)
     opt.load_state_dict(blob["optimizer"])
@@ -422,4 +516,4 @@ def load_checkpoint(path: Path, model, opt, sched) -> dict[str, Any]:
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return json.loads((path / R.TRAINER_STATE).read_text())

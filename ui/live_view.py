@@ -1,0 +1,173 @@
+"""The Train tab's live view: the queue, the followed run's status, progress, loss and lr curves, its log.
+
+A gr.Timer calls poll_run with a cursor (the last metric id seen, in gr.State); when nothing new arrived the
+plots get gr.skip(), and when the selected run is over and nothing else is queued or running the timer
+turns itself off. The run selector defaults to the newest running or queued run, so closing the page and
+coming back re-attaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gradio as gr
+
+from engine.core.events import format_duration
+from storage import TERMINAL, RunStatus
+from ui.plots import loss_figure, lr_figure
+
+PLOTTED = ("train/loss", "val/loss", "lr")
+
+
+PLOTTED = ("train/loss", "val/loss", "lr")
+
+
+def run_choices(store, limit: int = 50) -> list[tuple[str, int]]:
+    return [(f"#{r.id} {r.name}".strip(), r.id) for r in store.list_runs(limit=limit)]  # no status: it goes stale
+
+
+def default_run(store) -> int | None:
+    """The newest running run, else the newest queued one, else the newest run."""
+    for status in (RunStatus.RUNNING, RunStatus.QUEUED, None):
+        runs = store.list_runs(status=status, limit=1)
+        if runs:
+            return runs[0].id
+    return None
+
+
+def attach(*, store):
+    """Page load: [run selector on the newest running/queued run, timer on]."""
+    return gr.update(choices=run_choices(store), value=default_run(store)), gr.Timer(active=True)
+
+
+def select_run(run_id: int | None):
+    """A new run in the selector: [cursor, series, timer] start over."""
+    return 0, {}, gr.Timer(active=True)
+
+
+def active_runs(store) -> tuple[list[Any], list[Any]]:
+    """(running, queued oldest first)."""
+    running = store.list_runs(status=RunStatus.RUNNING)
+    return running, sorted(store.list_runs(status=RunStatus.QUEUED), key=lambda r: r.id)
+
+
+def queue_markdown(running: Sequence[Any], queued: Sequence[Any]) -> str:
+    if not running and not queued:
+        return "Queue: empty."
+    lines = [f"- ▶ **#{r.id}** {r.name} — running" for r in running]
+    lines += [f"- {i}. #{r.id} {r.name} — queued" for i, r in enumerate(queued, start=1)]
+    return "Queue:\n" + "\n".join(lines)
+
+
+def merge_points(series: Mapping[str, Any], points: Sequence[Any]) -> dict[str, Any]:
+    """Fold new metric points into {name: {step: value}} for plotted names and 'last' for every name."""
+    out = {name: dict(series.get(name, {})) for name in PLOTTED}
+    last, step = dict(series.get("last", {})), series.get("step", 0)
+    for p in points:
+        if p.name in PLOTTED:
+            out[p.name][p.step] = p.value  # a resumed run logs a step twice: the later value wins
+        last[p.name] = p.value
+        step = max(step, p.step)
+    return {**series, **out, "last": last, "step": step}
+
+
+def status_markdown(run, last: Mapping[str, float], step: int, queue_pos: int | None) -> str:
+    head = f"**#{run.id} {run.name} · {run.status.value}**"
+    if run.status == RunStatus.QUEUED:
+        return head + (f" · position {queue_pos} in the queue" if queue_pos else "")
+    total = int(last.get("total_steps") or run.total_steps or 0)
+    parts = [head, f"step {step} / {total or '?'}"]
+    if "epoch" in last:
+        parts.append(f"epoch {last['epoch']:.2f}")
+    if run.status == RunStatus.RUNNING and "eta_s" in last:
+        parts.append(f"ETA {format_duration(last['eta_s'])}")
+    if "tokens_per_s" in last:
+        parts.append(f"{last['tokens_per_s']:,.0f} tok/s")
+    if "pad_frac" in last:  # share of the computed positions that were padding (0 with packing)
+        parts.append(f"padding {last['pad_frac']:.0%}")
+    peak = last.get("mem/peak_gb") or run.peak_mem_gb
+    if peak:
+        parts.append(f"peak {peak:.2f} GB")
+    if "train/loss" in last:
+        parts.append(f"loss {last['train/loss']:.4f}")
+    if "val/loss" in last:
+        parts.append(f"val {last['val/loss']:.4f}")
+    text = " · ".join(parts)
+    if run.error:
+        text += f"  \n**Error:** {run.error}"
+    if run.status == RunStatus.SUCCEEDED and run.adapter_dir:
+        text += f"  \nAdapter: `{run.adapter_dir}`"
+    return text
+
+
+def poll_run(run_id: int | None, cursor: int, series: Mapping[str, Any], *, store, runner):
+    """Timer tick → [cursor, series, status, loss plot, lr plot, log tail, queue, timer]; skips what is unchanged."""
+    running, queued = active_runs(store)
+    queue, busy = queue_markdown(running, queued), bool(running or queued)
+    if run_id is None:
+        return (
+            cursor,
+            series,
+            "No run yet: fill the form and press Launch.",
+            gr.skip(),
+            gr.skip(),
+            gr.skip(),
+            queue,
+            gr.Timer(active=busy),
+        )
+    try:
+        run = store.get_run(int(run_id))  # status first: metrics written before the end are then visible
+    except KeyError:
+        return 0, {}, f"Run #{run_id} was deleted.", gr.skip(), gr.skip(), "", queue, gr.Timer(active=busy)
+    if series.get("run") != run.id:  # another run was selected since the last tick: start over
+        cursor, series = 0, {"run": run.id}
+    points = store.metrics_since(run.id, cursor)
+    new = merge_points(series, points)
+    redraw = bool(points) or not series.get("drawn")
+    status = status_markdown(
+        run, new["last"], new["step"], store.queue_position(run.id) if run.status == RunStatus.QUEUED else None
+    )
+    log = runner.log_tail(run.id)
+    loss = lr = gr.skip()
+    if redraw:
+        loss = loss_figure(
+            sorted(new["train/loss"].items()), sorted(new["val/loss"].items()), title=f"run #{run.id} loss"
+        )
+        lr = lr_figure(sorted(new["lr"].items()))
+    out_status = status if status != series.get("status_text") else gr.skip()
+    out_log = log if log != series.get("log") else gr.skip()
+    out_queue = queue if queue != series.get("queue") else gr.skip()
+    new.update(drawn=True, status_text=status, log=log, queue=queue)
+    keep_polling = run.status not in TERMINAL or busy
+    return (
+        (points[-1].id if points else cursor),
+        new,
+        out_status,
+        loss,
+        lr,
+        out_log,
+        out_queue,
+        gr.Timer(active=keep_polling),
+    )
+
+
+def cancel_run(run_id: int | None, *, runner) -> str:
+    if run_id is None:
+        raise gr.Error("No run selected")
+    return runner.cancel(int(run_id))
+
+
+def resume_run(run_id: int | None, *, runner, store):
+    """Resume → [message, run selector on the resumed run, timer]."""
+    if run_id is None:
+        raise gr.Error("No run selected")
+    try:
+        new_id = runner.resume(int(run_id))
+    except (ValueError, KeyError) as e:
+        raise gr.Error(str(e)) from None
+    return (
+        f"Run #{run_id} resumes as #{new_id}.",
+        gr.update(choices=run_choices(store), value=new_id),
+        gr.Timer(active=True),
+    )
