@@ -11,7 +11,7 @@ This package imports nothing else of the project.
 
 from .schema import SCHEMA_VERSION, TERMINAL, MetricPoint, RunRecord, RunStatus, SpectrumRecord
 from .sink import StoreSink
-from .store import Store, default_db_url
+from .store import Store, default_db_url, this_host
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -23,4 +23,5 @@ __all__ = [
     "Store",
     "StoreSink",
     "default_db_url",
+    "this_host",
 ]

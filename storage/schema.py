@@ -37,9 +37,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
-# Bump when a table or column changes, and add the migration to Store._check_schema_version.
-SCHEMA_VERSION = 1
+# Bump when a table or column changes, and add the step from the previous version to MIGRATIONS.
+SCHEMA_VERSION = 2
 SCHEMA_VERSION_KEY = "schema_version"
+# version → the DDL that takes a database from that version to the next. Only portable statements (the
+# same text runs on SQLite and PostgreSQL); new tables need none: create_all adds them after migrating.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE runs ADD COLUMN host VARCHAR(255)",),
+}
 
 
 class RunStatus(StrEnum):
@@ -105,6 +110,7 @@ class RunRecord:
     out_dir: str
     pid: int | None
     worker_pid: int | None
+    host: str | None  # the machine the run's worker and training process run on (several hosts may share a DB)
     parent_id: int | None
     resume_from: str | None
     error: str | None
@@ -185,6 +191,8 @@ class RunRow(Base):
     # after a restart needs both to tell a live run from an orphaned row.
     pid: Mapped[int | None]
     worker_pid: Mapped[int | None]
+    # The host of that worker and child: a worker only judges processes of its own host (pids are per host).
+    host: Mapped[str | None] = mapped_column(String(255))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
     resume_from: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)

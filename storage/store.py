@@ -15,16 +15,18 @@ from __future__ import annotations
 import json
 import operator
 import os
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy import delete, func, literal, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .schema import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     TERMINAL,
@@ -67,6 +69,11 @@ UPDATABLE_FIELDS = frozenset(_FIGURES) | {"summary"}
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def this_host() -> str:
+    """This machine's name, as recorded in runs.host (a pid means something only on its own host)."""
+    return socket.gethostname()
 
 
 def default_db_url(home: str | Path) -> str:
@@ -197,12 +204,17 @@ class Store:
             MetaRow.__table__.create(conn, checkfirst=True)
             found = s.get(MetaRow, SCHEMA_VERSION_KEY)
             if found is not None:
-                self._check_schema_version(found.value)
+                version = self._check_schema_version(found.value)
+                for step in range(version, SCHEMA_VERSION):  # older database: migrate it, one version at a time
+                    for ddl in MIGRATIONS[step]:
+                        conn.execute(text(ddl))
+                found.value = str(SCHEMA_VERSION)
             Base.metadata.create_all(conn)
             if found is None:
                 s.add(MetaRow(key=SCHEMA_VERSION_KEY, value=str(SCHEMA_VERSION)))
 
-    def _check_schema_version(self, found: str) -> None:
+    def _check_schema_version(self, found: str) -> int:
+        """The database's schema version; RuntimeError if it is not one this code can open or migrate."""
         where = repr(self)
         if not found.isdigit():
             raise RuntimeError(f"{where}: meta.schema_version is {found!r}, not a number")
@@ -213,11 +225,12 @@ class Store:
                 f"{SCHEMA_VERSION}. Upgrade LoRA Lab, or use another database "
                 f"(--home, or the {DB_URL_ENV} environment variable)."
             )
-        if version < SCHEMA_VERSION:
+        if any(step not in MIGRATIONS for step in range(version, SCHEMA_VERSION)):
             raise RuntimeError(
                 f"{where} has schema version {version}, older than {SCHEMA_VERSION}, and no "
                 f"migration exists for it. Move the database file aside to start a fresh one."
             )
+        return version
 
     @staticmethod
     def _require(s: Session, run_id: int) -> RunRow:
@@ -326,27 +339,37 @@ class Store:
 
     # -- runs: lifecycle -----------------------------------------------------------------------
 
-    def claim_next_queued(self, worker_pid: int) -> RunRecord | None:
-        """Take the oldest queued run and mark it running for `worker_pid`; None if none is queued.
+    def claim_next_queued(self, worker_pid: int, host: str | None = None) -> RunRecord | None:
+        """Take the oldest queued run and mark it running for `worker_pid` on `host` (default: this
+        machine); None if none is queued.
 
-        Two schedulers may call this at once: the UPDATE only succeeds while the run is still
-        queued, so exactly one of them gets each run and the loser tries the next one.
+        Schedulers on several hosts may call this at once. On PostgreSQL the oldest queued row is
+        locked with SELECT ... FOR UPDATE SKIP LOCKED, so concurrent claimers take different rows
+        without waiting; on SQLite (one writer at a time) the clause is left out. Either way the UPDATE
+        only succeeds while the run is still queued, so exactly one claimer gets each run.
         """
-        oldest = select(RunRow.id).where(RunRow.status == RunStatus.QUEUED.value).order_by(RunRow.id).limit(1)
+        oldest = (
+            select(RunRow.id)
+            .where(RunRow.status == RunStatus.QUEUED.value)
+            .order_by(RunRow.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
         with self._sessions.begin() as s:
             while (run_id := s.scalar(oldest)) is not None:
                 claim = (
                     update(RunRow)
                     .where(RunRow.id == run_id, RunRow.status == RunStatus.QUEUED.value)
-                    .values(status=RunStatus.RUNNING.value, worker_pid=worker_pid)
+                    .values(status=RunStatus.RUNNING.value, worker_pid=worker_pid, host=host or this_host())
                     .values(started_at=utcnow())
                 )
                 if _rowcount(s, claim) == 1:
                     return self._require(s, run_id).to_record()
         return None
 
-    def mark_running(self, run_id: int, pid: int) -> bool:
-        """The training child reports in: status running, its pid, started_at if not yet set.
+    def mark_running(self, run_id: int, pid: int, host: str | None = None) -> bool:
+        """The training child reports in: status running, its pid and host (default: this machine),
+        started_at if not yet set.
 
         Returns False, changing nothing, if the run already ended (e.g. cancelled while the child
         was starting): the child should then exit instead of training.
@@ -357,6 +380,7 @@ class Store:
             [RunRow.status.not_in(_TERMINAL_VALUES)],
             status=RunStatus.RUNNING.value,
             pid=pid,
+            host=host or this_host(),
             started_at=started,
         )
 
@@ -394,7 +418,7 @@ class Store:
         Clears everything that described the previous attempt (pids, start and end, error), so
         the timestamps and duration describe the attempt to come.
         """
-        cleared = dict.fromkeys(["pid", "worker_pid", "error", "exit_code", "started_at", "finished_at"])
+        cleared = dict.fromkeys(["pid", "worker_pid", "host", "error", "exit_code", "started_at", "finished_at"])
         self._update_if(run_id, [], status=RunStatus.QUEUED.value, resume_from=resume_from, **cleared)
 
     def update_run(self, run_id: int, **fields: Any) -> None:

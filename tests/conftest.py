@@ -89,3 +89,26 @@ def anatomy_of(tmp_path_factory):
         return cache[str(path)]
 
     return get
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database for one test, on the server of $LORALAB_TEST_PG_URL (CI starts a
+    throwaway cluster with .ci/postgres.sh); skipped with the reason when no server is configured."""
+    base = os.environ.get("LORALAB_TEST_PG_URL")
+    if not base:
+        pytest.skip('no PostgreSQL: set LORALAB_TEST_PG_URL (`eval "$(bash .ci/postgres.sh start)"` starts one)')
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    name = f"loralab_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -1,4 +1,5 @@
-"""Tests of storage.Store on real SQLite files (WAL needs a file), with threads and processes."""
+"""Tests of storage.Store on real SQLite files (WAL needs a file) and on PostgreSQL (a fresh database per test on
+the server of LORALAB_TEST_PG_URL; CI starts a throwaway cluster with .ci/postgres.sh), with threads and processes."""
 
 import dataclasses
 import math
@@ -13,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy.pool import NullPool
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+import storage
 from storage import (
     SCHEMA_VERSION,
     TERMINAL,
@@ -42,9 +46,9 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "test.db"
 
 
-@pytest.fixture
-def db_url(db_path: Path) -> str:
-    return f"sqlite:///{db_path}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, db_path: Path) -> str:
+    return f"sqlite:///{db_path}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
 
 
 @pytest.fixture
@@ -53,8 +57,25 @@ def store(db_url: str):
         yield s
 
 
+@pytest.fixture
+def sqlite_store(db_path: Path):
+    with Store(f"sqlite:///{db_path}") as s:
+        yield s
+
+
+def raw(db_url: str, sql: str, **params: object) -> object:
+    """Run one statement on a connection of its own, independently of Store's code; the first value, if any."""
+    engine = create_engine(db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(sql), params)
+            return result.scalar() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
 def raw_scalar(db_path: Path, sql: str, *args: object) -> object:
-    """Ask the file directly with sqlite3, independently of Store's own reading code."""
+    """Ask the SQLite file directly with sqlite3 (for SQLite's own pragmas)."""
     conn = sqlite3.connect(db_path)
     try:
         return conn.execute(sql, args).fetchone()[0]
@@ -214,6 +235,35 @@ def test_two_threads_claim_each_of_20_runs_exactly_once(store: Store) -> None:
         assert got == sorted(got)  # each claimer still sees the queue in FIFO order
         assert {store.get_run(i).worker_pid for i in got} <= {1000 + t}
     assert store.counts_by_status()["running"] == 20
+
+
+def test_claims_record_the_host_and_skip_rows_another_claimer_holds(store: Store, db_url: str) -> None:
+    first, second = store.create_run("1", {}, ""), store.create_run("2", {}, "")
+    if db_url.startswith("postgresql"):
+        # Another claimer holds the oldest queued row (SELECT ... FOR UPDATE, transaction still open):
+        # SKIP LOCKED hands this one the next row instead of waiting for the first to commit.
+        engine = create_engine(db_url, poolclass=NullPool)
+        holder = engine.connect()
+        tx = holder.begin()
+        holder.execute(text("SELECT id FROM runs WHERE id = :id FOR UPDATE"), {"id": first})
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(store.claim_next_queued(worker_pid=5, host="node-b")))
+        t.start()
+        t.join(30)
+        tx.rollback()
+        holder.close()
+        engine.dispose()
+        assert not t.is_alive() and got and got[0].id == second and got[0].host == "node-b"
+        assert store.claim_next_queued(worker_pid=6).id == first
+    else:
+        assert store.claim_next_queued(worker_pid=5, host="node-b").id == first
+    run = store.get_run(first)
+    assert run.host in ("node-b", storage.this_host()) and run.worker_pid in (5, 6)
+    store.mark_running(first, pid=123)  # the child reports from its own machine
+    assert store.get_run(first).host == storage.this_host()
+    store.finish(first, RunStatus.FAILED)
+    store.requeue(first, resume_from=None)
+    assert store.get_run(first).host is None  # a new attempt may run anywhere
 
 
 def test_two_processes_create_the_database_then_claim_each_of_20_runs_once(db_url: str) -> None:
@@ -379,20 +429,20 @@ def test_list_runs_newest_first_with_filters(store: Store) -> None:
         store.list_runs(status="done")
 
 
-def test_delete_run_cascades_metrics_and_spectra(store: Store, db_path: Path) -> None:
+def test_delete_run_cascades_metrics_and_spectra(store: Store, db_url: str) -> None:
     parent = store.create_run("parent", {}, "")
     child = store.create_run("child", {}, "", parent_id=parent, resume_from="ckpt")
     for run_id in (parent, child):
         store.log_metrics(run_id, 1, {"loss": 1.0, "lr": 0.1})
         store.save_spectra(run_id, 1, {"q_proj": [1.0], "v_proj": [2.0]})
-    count = "SELECT count(*) FROM {} WHERE run_id = ?"
-    assert raw_scalar(db_path, count.format("metrics"), parent) == 2
+    count = "SELECT count(*) FROM {} WHERE run_id = :id"
+    assert raw(db_url, count.format("metrics"), id=parent) == 2
 
     store.delete_run(parent)
-    assert raw_scalar(db_path, count.format("metrics"), parent) == 0
-    assert raw_scalar(db_path, count.format("spectra"), parent) == 0
-    assert raw_scalar(db_path, count.format("metrics"), child) == 2
-    assert raw_scalar(db_path, count.format("spectra"), child) == 2
+    assert raw(db_url, count.format("metrics"), id=parent) == 0
+    assert raw(db_url, count.format("spectra"), id=parent) == 0
+    assert raw(db_url, count.format("metrics"), id=child) == 2
+    assert raw(db_url, count.format("spectra"), id=child) == 2
     assert store.get_run(child).parent_id is None  # ON DELETE SET NULL
     with pytest.raises(KeyError):
         store.get_run(parent)
@@ -404,10 +454,10 @@ def test_delete_run_cascades_metrics_and_spectra(store: Store, db_path: Path) ->
 # SQLite behaviour, schema, opening
 
 
-def test_file_database_is_in_wal_mode(store: Store, db_path: Path) -> None:
+def test_file_database_is_in_wal_mode(sqlite_store: Store, db_path: Path) -> None:
     assert raw_scalar(db_path, "PRAGMA journal_mode") == "wal"
     # Store's own connections have the per-connection pragmas too.
-    with store._engine.connect() as conn:
+    with sqlite_store._engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
@@ -442,19 +492,34 @@ def test_writer_process_and_reader_share_the_database(store: Store) -> None:
     assert store.spectra_steps(run_id) == [50, 100, 150, 200]
 
 
-def test_newer_or_older_schema_version_refuses_to_open(db_url: str, db_path: Path) -> None:
+def test_newer_or_older_schema_version_refuses_to_open(db_url: str) -> None:
     Store(db_url).close()
-    assert raw_scalar(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == str(SCHEMA_VERSION)
-    conn = sqlite3.connect(db_path)
-    with conn:
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    version = "SELECT value FROM meta WHERE key = 'schema_version'"
+    assert raw(db_url, version) == str(SCHEMA_VERSION)
+    raw(db_url, "UPDATE meta SET value = :v WHERE key = 'schema_version'", v=str(SCHEMA_VERSION + 1))
     with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}.*Upgrade LoRA Lab"):
         Store(db_url)
-    with conn:
-        conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
-    conn.close()
+    raw(db_url, "UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     with pytest.raises(RuntimeError, match="schema version 0, older"):
         Store(db_url)
+
+
+def test_a_version_1_database_is_migrated_in_place(db_url: str) -> None:
+    """A database written by the first release (no runs.host) opens, keeps its runs and gains the column."""
+    with Store(db_url) as store:
+        kept = store.create_run("old", {"lora": {"r": 4}}, "runs/1", model="m")
+        store.log_metrics(kept, 1, {"loss": 2.0})
+    raw(db_url, "ALTER TABLE runs DROP COLUMN host")
+    raw(db_url, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with Store(db_url) as store:
+        run = store.get_run(kept)
+        assert (run.name, run.config, run.model, run.host) == ("old", {"lora": {"r": 4}}, "m", None)
+        assert store.metric_series(kept, "loss") == [(1, 2.0)]
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        claimed = store.claim_next_queued(worker_pid=7, host="node-a")
+        assert (claimed.id, claimed.host) == (kept, "node-a")
+    columns = {c["name"] for c in sa_inspect(create_engine(db_url, poolclass=NullPool)).get_columns("runs")}
+    assert "host" in columns
 
 
 def test_for_home_creates_the_folder_and_honours_the_env_override(
