@@ -9,7 +9,7 @@ Only records (frozen dataclasses) cross this boundary; the ORM rows stay in `sto
 This package imports nothing else of the project.
 """
 
-from .schema import SCHEMA_VERSION, TERMINAL, MetricPoint, RunRecord, RunStatus, SpectrumRecord
+from .schema import SCHEMA_VERSION, TERMINAL, MetricPoint, RunRecord, RunStatus, SpectrumRecord, SweepRecord
 from .sink import StoreSink
 from .store import Store, default_db_url, this_host
 
@@ -22,6 +22,7 @@ __all__ = [
     "SpectrumRecord",
     "Store",
     "StoreSink",
+    "SweepRecord",
     "default_db_url",
     "this_host",
 ]

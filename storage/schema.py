@@ -12,6 +12,7 @@ the ON DELETE clauses below when each connection turns foreign keys on.
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -38,12 +39,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
 # Bump when a table or column changes, and add the step from the previous version to MIGRATIONS.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_VERSION_KEY = "schema_version"
 # version → the DDL that takes a database from that version to the next. Only portable statements (the
 # same text runs on SQLite and PostgreSQL); new tables need none: create_all adds them after migrating.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE runs ADD COLUMN host VARCHAR(255)",),
+    2: (
+        "ALTER TABLE runs ADD COLUMN sweep_id BIGINT REFERENCES sweeps(id) ON DELETE SET NULL",
+        "ALTER TABLE runs ADD COLUMN devices VARCHAR(200)",
+        "ALTER TABLE runs ADD COLUMN world_size INTEGER",
+    ),
 }
 
 
@@ -112,6 +118,9 @@ class RunRecord:
     worker_pid: int | None
     host: str | None  # the machine the run's worker and training process run on (several hosts may share a DB)
     parent_id: int | None
+    sweep_id: int | None  # the sweep this run is a member of
+    devices: str | None  # what it trains on, e.g. "cuda:0,1" or "cpu"
+    world_size: int | None  # training processes (1 unless data-parallel)
     resume_from: str | None
     error: str | None
     exit_code: int | None
@@ -147,6 +156,16 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class SweepRecord:
+    """One row of `sweeps`: a named grid of runs; its members are the runs whose sweep_id is this id."""
+
+    id: int
+    name: str
+    spec: dict[str, Any] = field(hash=False)  # the sweep as written (base config, grid, budget, ...)
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class MetricPoint:
     id: int  # the cursor for metrics_since()
     run_id: int
@@ -162,6 +181,20 @@ class SpectrumRecord:
     module: str
     values: tuple[float, ...]  # singular values of ΔW, in the order the engine wrote them
     extra: dict[str, Any] = field(hash=False)  # per-module stats (effective rank, energy, ...)
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy and torch values (scalars and arrays) all offer tolist(); paths become strings.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
+
+
+def dumps(obj: Any) -> str:
+    """JSON for the *_json columns; numpy/torch values and paths are converted."""
+    return json.dumps(obj, default=_json_default)
 
 
 def metric_value(value: float | None) -> float:
@@ -194,6 +227,9 @@ class RunRow(Base):
     # The host of that worker and child: a worker only judges processes of its own host (pids are per host).
     host: Mapped[str | None] = mapped_column(String(255))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    sweep_id: Mapped[int | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"))
+    devices: Mapped[str | None] = mapped_column(String(200))
+    world_size: Mapped[int | None] = mapped_column(Integer)
     resume_from: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     exit_code: Mapped[int | None]
@@ -227,6 +263,20 @@ class RunRow(Base):
         summary = values.pop("summary_json")
         values["summary"] = json.loads(summary) if summary else {}
         return RunRecord(**values)
+
+
+class SweepRow(Base):
+    """A sweep: several runs queued together from one base config and a grid of values."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200))
+    spec_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def to_record(self) -> SweepRecord:
+        return SweepRecord(id=self.id, name=self.name, spec=json.loads(self.spec_json), created_at=self.created_at)
 
 
 class MetricRow(Base):

@@ -32,18 +32,19 @@ from .schema import (
     TERMINAL,
     Base,
     MetaRow,
-    MetricPoint,
-    MetricRow,
     RunRecord,
     RunRow,
     RunStatus,
-    SpectrumRecord,
-    SpectrumRow,
+    SweepRecord,
+    SweepRow,
     UTCDateTime,
     make_engine,
-    metric_value,
     utcnow,
 )
+from .schema import (
+    dumps as _dumps,
+)
+from .series import SeriesMixin
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import CursorResult
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 DB_URL_ENV = "LORALAB_DB_URL"
 DB_FILENAME = "loralab.db"
-METRIC_NAME_MAX = 64  # the width of metrics.name; checked here so SQLite fails like PostgreSQL
 
 _TERMINAL_VALUES = sorted(s.value for s in TERMINAL)
 
@@ -62,7 +62,8 @@ _FIGURES: dict[str, type] = {
     **dict.fromkeys(("duration_s", "peak_mem_gb", "est_mem_gb"), float),
     **dict.fromkeys(("steps_done", "total_steps", "tokens_seen"), int),
     **dict.fromkeys(("trainable_params", "total_params"), int),
-    **dict.fromkeys(("adapter_dir", "device"), str),
+    **dict.fromkeys(("adapter_dir", "device", "devices"), str),
+    "world_size": int,
 }
 UPDATABLE_FIELDS = frozenset(_FIGURES) | {"summary"}
 
@@ -79,19 +80,6 @@ def this_host() -> str:
 def default_db_url(home: str | Path) -> str:
     """`sqlite:///<home>/loralab.db`, with an absolute path so child processes agree on it."""
     return f"sqlite:///{Path(home).expanduser().resolve() / DB_FILENAME}"
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy and torch values (scalars and arrays) all offer tolist(); paths become strings.
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable: {obj!r}")
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default)
 
 
 def _status(value: str) -> RunStatus:
@@ -132,7 +120,7 @@ def _rowcount(s: Session, stmt: Update | Delete) -> int:
 # The store
 
 
-class Store:
+class Store(SeriesMixin):
     """Runs, metrics and spectra in one SQL database (SQLite by default, PostgreSQL by URL).
 
     Safe to share between threads (each method opens its own short session) and between
@@ -205,7 +193,10 @@ class Store:
             found = s.get(MetaRow, SCHEMA_VERSION_KEY)
             if found is not None:
                 version = self._check_schema_version(found.value)
-                for step in range(version, SCHEMA_VERSION):  # older database: migrate it, one version at a time
+                # An older database: first the tables it lacks (a new column may reference one), then each
+                # version's ALTERs in turn.
+                Base.metadata.create_all(conn)
+                for step in range(version, SCHEMA_VERSION):
                     for ddl in MIGRATIONS[step]:
                         conn.execute(text(ddl))
                 found.value = str(SCHEMA_VERSION)
@@ -261,6 +252,7 @@ class Store:
         *,
         model: str = "",
         parent_id: int | None = None,
+        sweep_id: int | None = None,
         resume_from: str | None = None,
         status: str = RunStatus.QUEUED,
         est_mem_gb: float | None = None,
@@ -279,6 +271,7 @@ class Store:
             model=model,
             out_dir=os.fspath(out_dir),
             parent_id=parent_id,
+            sweep_id=sweep_id,
             resume_from=resume_from,
             created_at=now,
             updated_at=now,
@@ -291,6 +284,8 @@ class Store:
         with self._sessions.begin() as s:
             if parent_id is not None:
                 self._require(s, parent_id)
+            if sweep_id is not None:
+                self._require_sweep(s, sweep_id)
             s.add(row)
             s.flush()
             return row.id
@@ -309,10 +304,13 @@ class Store:
         *,
         status: str | Iterable[str] | None = None,
         model: str | None = None,
+        sweep_id: int | None = None,
         limit: int = 500,
     ) -> list[RunRecord]:
-        """Runs newest first, optionally only those with the given status(es) or base model."""
+        """Runs newest first, optionally only those with the given status(es), base model or sweep."""
         stmt = select(RunRow).order_by(RunRow.id.desc()).limit(limit)
+        if sweep_id is not None:
+            stmt = stmt.where(RunRow.sweep_id == sweep_id)
         if status is not None:
             wanted = [status] if isinstance(status, str) else list(status)
             stmt = stmt.where(RunRow.status.in_([_status(w).value for w in wanted]))
@@ -447,115 +445,40 @@ class Store:
             if _rowcount(s, delete(RunRow).where(RunRow.id == run_id)) == 0:
                 raise KeyError(f"no run with id {run_id}")
 
-    # -- metrics -------------------------------------------------------------------------------
+    # -- sweeps --------------------------------------------------------------------------------
 
-    def log_metrics(self, run_id: int, step: int, metrics: Mapping[str, float | None]) -> None:
-        """Append one step's scalars in one transaction; None values are skipped."""
-        step = operator.index(step)
-        now = time.time()
-        rows = []
-        for name, value in metrics.items():
-            if value is None:
-                continue
-            if len(name) > METRIC_NAME_MAX:
-                raise ValueError(f"metric name longer than {METRIC_NAME_MAX} characters: {name!r}")
-            rows.append(MetricRow(run_id=run_id, step=step, name=name, value=float(value), wall_time=now))
-        if not rows:
-            return
+    @staticmethod
+    def _require_sweep(s: Session, sweep_id: int) -> SweepRow:
+        row = s.get(SweepRow, sweep_id)
+        if row is None:
+            raise KeyError(f"no sweep with id {sweep_id}")
+        return row
+
+    def create_sweep(self, name: str, spec: Mapping[str, Any]) -> int:
+        """Insert a sweep (its members are created with create_run(..., sweep_id=...)); returns its id."""
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"spec must be a mapping, got {type(spec).__name__}")
+        row = SweepRow(name=name, spec_json=_dumps(dict(spec)), created_at=utcnow())
         with self._sessions.begin() as s:
-            self._require(s, run_id)
-            s.add_all(rows)
+            s.add(row)
+            s.flush()
+            return row.id
 
-    def metrics_since(self, run_id: int, after_id: int = 0, *, names: Iterable[str] | None = None) -> list[MetricPoint]:
-        """Points logged after cursor `after_id`, oldest first; the last id is the next cursor.
-
-        An unknown run has no points: the UI polls this and a deleted run is not an error there.
-        """
-        stmt = select(MetricRow).where(MetricRow.run_id == run_id, MetricRow.id > after_id).order_by(MetricRow.id)
-        if names is not None:
-            names = [names] if isinstance(names, str) else list(names)
-            stmt = stmt.where(MetricRow.name.in_(names))
+    def get_sweep(self, sweep_id: int) -> SweepRecord:
+        """The sweep with this id; KeyError if there is none."""
         with self._sessions.begin() as s:
-            return [row.to_record() for row in s.scalars(stmt)]
+            return self._require_sweep(s, sweep_id).to_record()
 
-    def metric_series(self, run_id: int, name: str) -> list[tuple[int, float]]:
-        """(step, value) pairs of one metric, by step.
-
-        A run resumed from a checkpoint logs some steps twice; the later value wins, so a plot
-        never runs backwards.
-        """
-        stmt = (
-            select(MetricRow.step, MetricRow.value)
-            .where(MetricRow.run_id == run_id, MetricRow.name == name)
-            .order_by(MetricRow.id)
-        )
+    def list_sweeps(self, limit: int = 200) -> list[SweepRecord]:
+        """Sweeps newest first."""
         with self._sessions.begin() as s:
-            by_step = {step: metric_value(value) for step, value in s.execute(stmt)}
-        return sorted(by_step.items())
+            return [row.to_record() for row in s.scalars(select(SweepRow).order_by(SweepRow.id.desc()).limit(limit))]
 
-    def last_metrics(self, run_id: int) -> dict[str, float]:
-        """The latest value logged for each metric name of the run."""
-        latest_ids = select(func.max(MetricRow.id)).where(MetricRow.run_id == run_id).group_by(MetricRow.name)
-        stmt = select(MetricRow.name, MetricRow.value).where(MetricRow.id.in_(latest_ids))
+    def delete_sweep(self, sweep_id: int) -> None:
+        """Delete the sweep row; its runs stay, with sweep_id set to NULL (delete them first to remove them)."""
         with self._sessions.begin() as s:
-            return {name: metric_value(value) for name, value in s.execute(stmt)}
-
-    # -- spectra -------------------------------------------------------------------------------
-
-    def save_spectra(
-        self,
-        run_id: int,
-        step: int,
-        spectra: Mapping[str, Sequence[float]],
-        extra: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> None:
-        """Store σ(ΔW) per module at `step`, replacing what that step already held for them."""
-        step = operator.index(step)
-        extra = extra or {}
-        stray = sorted(set(extra) - set(spectra))
-        if stray:
-            raise ValueError(f"extra names modules that have no spectrum: {', '.join(stray)}")
-        rows = [
-            SpectrumRow(
-                run_id=run_id,
-                step=step,
-                module=module,
-                values_json=_dumps([float(v) for v in values]),
-                extra_json=_dumps(dict(extra[module])) if module in extra else None,
-            )
-            for module, values in spectra.items()
-        ]
-        if not rows:
-            return
-        replaced = delete(SpectrumRow).where(
-            SpectrumRow.run_id == run_id,
-            SpectrumRow.step == step,
-            SpectrumRow.module.in_(list(spectra)),
-        )
-        with self._sessions.begin() as s:
-            self._require(s, run_id)
-            s.execute(replaced)
-            s.add_all(rows)
-
-    def get_spectra(self, run_id: int, step: int | None = None) -> dict[str, SpectrumRecord]:
-        """Spectra of one step by module name, in the order saved; step None → the latest step."""
-        with self._sessions.begin() as s:
-            if step is None:
-                latest = select(func.max(SpectrumRow.step)).where(SpectrumRow.run_id == run_id)
-                step = s.scalar(latest)
-                if step is None:
-                    return {}
-            stmt = (
-                select(SpectrumRow)
-                .where(SpectrumRow.run_id == run_id, SpectrumRow.step == step)
-                .order_by(SpectrumRow.id)
-            )
-            return {row.module: row.to_record() for row in s.scalars(stmt)}
-
-    def spectra_steps(self, run_id: int) -> list[int]:
-        stmt = select(SpectrumRow.step).where(SpectrumRow.run_id == run_id).distinct().order_by(SpectrumRow.step)
-        with self._sessions.begin() as s:
-            return list(s.scalars(stmt))
+            if _rowcount(s, delete(SweepRow).where(SweepRow.id == sweep_id)) == 0:
+                raise KeyError(f"no sweep with id {sweep_id}")
 
     # -- meta ----------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import MetaData, Table, create_engine, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import NoInspectionAvailable
@@ -504,22 +504,68 @@ def test_newer_or_older_schema_version_refuses_to_open(db_url: str) -> None:
         Store(db_url)
 
 
-def test_a_version_1_database_is_migrated_in_place(db_url: str) -> None:
-    """A database written by the first release (no runs.host) opens, keeps its runs and gains the column."""
-    with Store(db_url) as store:
-        kept = store.create_run("old", {"lora": {"r": 4}}, "runs/1", model="m")
-        store.log_metrics(kept, 1, {"loss": 2.0})
-    raw(db_url, "ALTER TABLE runs DROP COLUMN host")
-    raw(db_url, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+# What each schema version lacks, against the current one: tables and runs columns.
+ADDED_IN = {2: ((), ("host",)), 3: (("sweeps",), ("sweep_id", "devices", "world_size"))}
+
+
+def write_old_database(db_url: str, version: int) -> None:
+    """An empty database exactly as release `version` created it: today's tables minus what came later."""
+    later = [ADDED_IN[v] for v in ADDED_IN if v > version]
+    tables = {t for added, _ in later for t in added}
+    columns = {c for _, added in later for c in added}
+    old = MetaData()
+    for t in Base.metadata.sorted_tables:
+        if t.name not in tables:
+            Table(t.name, old, *(c._copy() for c in t.columns if t.name != "runs" or c.name not in columns))
+    engine = create_engine(db_url, poolclass=NullPool)
+    old.create_all(engine)
+    engine.dispose()
+    raw(db_url, "INSERT INTO meta (key, value) VALUES ('schema_version', :v)", v=str(version))
+
+
+@pytest.mark.parametrize("old", [1, 2])
+def test_an_older_database_is_migrated_in_place(db_url: str, old: int) -> None:
+    """A database written by an earlier release opens, keeps its runs and gains the new columns and tables."""
+    write_old_database(db_url, old)
+    raw(
+        db_url,
+        "INSERT INTO runs (name, status, config_json, model, out_dir, created_at, updated_at) VALUES "
+        "('old', 'queued', '{\"lora\": {\"r\": 4}}', 'm', 'runs/1', :t, :t)",
+        t=datetime.now(UTC).replace(tzinfo=None),
+    )
+    kept = raw(db_url, "SELECT id FROM runs")
+    raw(db_url, "INSERT INTO metrics (run_id, step, name, value, wall_time) VALUES (:r, 1, 'loss', 2.0, 0)", r=kept)
     with Store(db_url) as store:
         run = store.get_run(kept)
-        assert (run.name, run.config, run.model, run.host) == ("old", {"lora": {"r": 4}}, "m", None)
+        assert (run.name, run.config, run.model, run.host, run.sweep_id) == ("old", {"lora": {"r": 4}}, "m", None, None)
         assert store.metric_series(kept, "loss") == [(1, 2.0)]
         assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
         claimed = store.claim_next_queued(worker_pid=7, host="node-a")
         assert (claimed.id, claimed.host) == (kept, "node-a")
+        sweep = store.create_sweep("rank", {"grid": {"lora.r": [1, 4]}})
+        member = store.create_run("r1", {}, "", sweep_id=sweep)
+        assert [r.id for r in store.list_runs(sweep_id=sweep)] == [member]
     columns = {c["name"] for c in sa_inspect(create_engine(db_url, poolclass=NullPool)).get_columns("runs")}
-    assert "host" in columns
+    assert {"host", "sweep_id", "devices", "world_size"} <= columns
+
+
+def test_sweeps_group_runs_and_outlive_nothing(store: Store) -> None:
+    spec = {"base": {"model": "m"}, "grid": {"lora.r": [1, 4], "lora.targets": ["qv", "all-linear"]}}
+    sweep = store.create_sweep("r × targets", spec)
+    members = [store.create_run(f"m{i}", {}, "", sweep_id=sweep) for i in range(4)]
+    loner = store.create_run("alone", {}, "")
+    assert store.get_sweep(sweep).spec == spec and store.get_sweep(sweep).name == "r × targets"
+    assert [s.id for s in store.list_sweeps()] == [sweep]
+    assert [r.id for r in store.list_runs(sweep_id=sweep)] == members[::-1]
+    assert store.get_run(loner).sweep_id is None
+    store.update_run(members[0], devices="cuda:0,1", world_size=2)
+    assert (store.get_run(members[0]).devices, store.get_run(members[0]).world_size) == ("cuda:0,1", 2)
+    with pytest.raises(KeyError, match="no sweep with id 999"):
+        store.create_run("x", {}, "", sweep_id=999)
+    store.delete_sweep(sweep)  # the runs stay (the caller deletes them first to remove them)
+    assert all(store.get_run(i).sweep_id is None for i in members)
+    with pytest.raises(KeyError):
+        store.get_sweep(sweep)
 
 
 def test_for_home_creates_the_folder_and_honours_the_env_override(
