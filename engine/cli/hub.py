@@ -97,8 +97,7 @@ def gguf_source(args, home: Path) -> dict:
 
 def cmd_export_gguf(args) -> int:
     """`export ID --gguf OUT.gguf` (merged model) and/or `--gguf-adapter OUT.gguf` (llama.cpp LoRA adapter)."""
-    from engine.ml.gguf_export import check_outputs, export_adapter_gguf, export_merged_gguf, modelfile_path
-    from engine.ml.model import ModelError
+    from engine.ml.gguf_export import check_outputs, modelfile_path  # light (gguf, numpy): refusals come fast
 
     home = home_of(args)
     outs = [Path(o) for o in (args.gguf_adapter, args.gguf) if o]
@@ -106,6 +105,21 @@ def cmd_export_gguf(args) -> int:
         return fail("--gguf and --gguf-adapter name the same file; give each its own")
     try:
         check_outputs(*outs, *map(modelfile_path, outs), force=args.force)  # before either export starts
+        lines = export_gguf_files(args, home)
+    except KeyError as e:
+        return fail(key_error(e))
+    except (ExportError, OSError) as e:
+        return fail(str(e))
+    for line in lines:
+        (say if line.startswith("note:") else print)(line)
+    return 0
+
+
+def export_gguf_files(args, home: Path) -> list[str]:
+    from engine.ml.gguf_export import export_adapter_gguf, export_merged_gguf
+    from engine.ml.model import ModelError
+
+    try:
         src = gguf_source(args, home)
         common = {"home": home, "force": args.force, "gguf_base": args.gguf_base, **src}
         lines = []
@@ -113,13 +127,9 @@ def cmd_export_gguf(args) -> int:
             lines += export_adapter_gguf(out=args.gguf_adapter, kind=args.gguf_type or "f32", **common)
         if args.gguf:
             lines += export_merged_gguf(out=args.gguf, kind=args.gguf_type or "f16", **common)
-    except KeyError as e:
-        return fail(key_error(e))
-    except (ExportError, ModelError, OSError) as e:
-        return fail(str(e))
-    for line in lines:
-        (say if line.startswith("note:") else print)(line)
-    return 0
+        return lines
+    except ModelError as e:
+        raise ExportError(str(e)) from None
 
 
 def cmd_push(args) -> int:

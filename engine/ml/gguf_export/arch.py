@@ -15,6 +15,7 @@ permutation when it reads a file back, which is what the round-trip tests check.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import gguf
@@ -63,8 +64,7 @@ class Arch:
 
     def tensor_name(self, hf_name: str) -> str | None:
         """The GGUF name of a Hugging Face parameter (`….weight` / `….bias`), or None if llama.cpp has none."""
-        tmap = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
-        return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        return _name_map(self.gguf_arch, self.n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
     def row_order(self, hf_name: str) -> np.ndarray | None:
         """The row permutation llama.cpp's converter applies to this tensor (llama Q and K), else None.
@@ -97,6 +97,11 @@ class Arch:
         w.add_vocab_size(int(c.vocab_size))
         if self.gguf_arch == gguf.MODEL_ARCH.LLAMA:
             w.add_rope_dimension_count(self.head_dim)
+
+
+@lru_cache(maxsize=8)
+def _name_map(arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, n_layers)  # ~50 ms to build: once per architecture and depth
 
 
 # model_type → (llama.cpp architecture, Q/K row permutation), each checked against llama.cpp's converter
