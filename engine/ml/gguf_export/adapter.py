@@ -112,7 +112,9 @@ def read_pairs(adapter_dir: Path, cfg, arch: Arch) -> list[LoraPair]:
     pairs, used = [], set()
     for module, (scaling, kind) in sorted(layers.items()):
         if kind != "Linear":
-            raise ExportError(f"LoRA on {module} is a {kind} layer; GGUF export writes LoRA on linear layers only")
+            raise ExportError(
+                f"LoRA on {module} is a {kind} layer; GGUF adapters are written for linear layers only; {MERGED_INSTEAD}"
+            )
         key_a, key_b = (f"base_model.model.{module}.lora_{x}.weight" for x in ("A", "B"))
         if key_a not in weights or key_b not in weights:
             raise ExportError(f"{adapter_dir}: {module} has no {key_a.rsplit('.', 2)[-2]} tensor in the adapter file")
