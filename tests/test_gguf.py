@@ -321,3 +321,39 @@ def test_unverified_architectures_and_quantized_bases_are_refused(tiny_gpt2_dir,
     for export in (export_adapter_gguf, export_merged_gguf):
         with pytest.raises(ExportError, match="rope scaling 'llama3'"):
             export(str(rope), adapter, tmp_path / "r.gguf", home=tmp_path / "home")
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"alpha_pattern": {"down_proj": 32}}])
+def test_what_the_adapter_file_refuses_merges_exactly_into_a_merged_gguf(bpe_llama, tmp_path, lora):
+    """The refusals above point here: DoRA and per-module alphas fold into the merged weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.ml.gguf_export import export_merged_gguf
+
+    adapter = make_adapter(bpe_llama, tmp_path / "adapter", **lora)
+    export_merged_gguf(str(bpe_llama), adapter, tmp_path / "m.gguf", "f32", home=tmp_path / "home")
+    ids = torch.tensor([make_bpe_tokenizer()(TEXT)["input_ids"]])
+    with torch.no_grad():
+        want = merged_hf(bpe_llama, adapter)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_is_checked_against_the_base_gguf_it_will_run_on(bpe_llama, bpe_adapter, tmp_path):
+    from engine.core.export import ExportError
+    from engine.ml.gguf_export import export_adapter_gguf
+
+    wider = build_tiny_llama(tmp_path / "wider", tok=make_bpe_tokenizer(), intermediate_size=128)
+    base_gguf(wider, tmp_path / "wider.gguf")
+    with pytest.raises(ExportError, match=r"blk.0.ffn_down.weight: base shape \(ne\) \(128, 32\) does not take"):
+        export_adapter_gguf(
+            str(bpe_llama), bpe_adapter, tmp_path / "a.gguf", home=tmp_path / "h", gguf_base=tmp_path / "wider.gguf"
+        )
+    qwen = build_tiny_qwen2(tmp_path / "qwen", tok=make_bpe_tokenizer("qwen2"))
+    base_gguf(qwen, tmp_path / "qwen.gguf")
+    with pytest.raises(ExportError, match="the base GGUF is 'qwen2' but the adapter's base model is 'llama'"):
+        export_adapter_gguf(
+            str(bpe_llama), bpe_adapter, tmp_path / "a.gguf", home=tmp_path / "h", gguf_base=tmp_path / "qwen.gguf"
+        )
+    assert not (tmp_path / "a.gguf").exists()

@@ -71,7 +71,7 @@ def export_merged_gguf(
     from engine.ml.gguf_export.arch import arch_of
     from engine.ml.gguf_export.merged import write_model_gguf
     from engine.ml.gguf_export.ollama import modelfile
-    from engine.ml.gguf_export.vocab import bpe_pre_type, reference_matches, token_list
+    from engine.ml.gguf_export.vocab import vocab_plan
     from engine.ml.merge import load_merged, merge_source, merged_tokenizer
     from engine.ml.model import load_config
 
@@ -86,8 +86,7 @@ def export_merged_gguf(
     arch_of(config)
     base_gguf = reader(reference_gguf(base, home, gguf_base))
     tok = merged_tokenizer(ref, adapter, trust_remote_code)
-    if not reference_matches(base_gguf, token_list(tok, int(config.vocab_size))[0]):
-        bpe_pre_type(tok)
+    vocab_plan(tok, int(config.vocab_size), base_gguf)
     progress(f"gguf: merging {adapter} into {base} (fp32)")
     model, tok = load_merged(base, adapter, dtype="fp32", home=home, trust_remote_code=trust_remote_code)
     how = write_model_gguf(model, tok, out, kind, name=title or out.stem, reference=base_gguf, progress=progress)

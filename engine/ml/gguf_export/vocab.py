@@ -145,26 +145,30 @@ def reference_matches(reader: gguf.GGUFReader | None, tokens: list[str]) -> bool
     return field is not None and field.contents() == tokens
 
 
-def write_vocab(w: gguf.GGUFWriter, tok, n_vocab: int, tmp: Path, reference: gguf.GGUFReader | None = None) -> str:
-    """Write the tokenizer's GGUF metadata; returns how (for the CLI's report)."""
+def vocab_plan(tok, n_vocab: int, reference: gguf.GGUFReader | None = None) -> tuple[list[str], list[int], str | None]:
+    """(tokens, types, pre) if the tokenizer is written from scratch, pre None if the reference's vocabulary
+    is copied; ExportError if GGUF cannot hold it. Cheap: called before a merge and again when writing."""
     if len(tok.get_vocab()) > n_vocab:
         raise ExportError(f"the tokenizer has {len(tok.get_vocab())} tokens but the model only {n_vocab} embeddings")
     tokens, types = token_list(tok, n_vocab)
-    if reference_matches(reference, tokens):
+    return tokens, types, None if reference_matches(reference, tokens) else bpe_pre_type(tok)
+
+
+def write_vocab(w: gguf.GGUFWriter, tok, n_vocab: int, tmp: Path, reference: gguf.GGUFReader | None = None) -> str:
+    """Write the tokenizer's GGUF metadata; returns how (for the CLI's report)."""
+    tokens, types, pre = vocab_plan(tok, n_vocab, reference)
+    if pre is None:
         copy_vocab_fields(w, reference)
         how = "vocabulary copied from the base GGUF"
-        merges = False
     else:
-        pre = bpe_pre_type(tok)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
         how = f"byte-level BPE, pre-tokenizer {pre}"
-        merges = True
     tok.save_pretrained(tmp)
-    special = gguf.SpecialVocab(tmp, load_merges=merges, n_vocab=n_vocab)
-    if merges and not special.merges:
+    special = gguf.SpecialVocab(tmp, load_merges=pre is not None, n_vocab=n_vocab)
+    if pre is not None and not special.merges:
         raise ExportError("the tokenizer.json has no BPE merges; llama.cpp cannot tokenize without them")
     for kind, value in added_specials(tok).items():
         special.add_special_token.setdefault(kind, value)
