@@ -38,18 +38,19 @@ def merge_run(run, out: Path, home: Path, *, dtype: str = "fp32", overwrite: boo
 
 
 def cmd_export(args) -> int:
-    if args.gguf or args.gguf_adapter:
-        code = cmd_export_gguf(args)
-        if code or not (args.merged or args.zip):
-            return code
-    if not args.merged and not args.zip:
+    gguf = bool(args.gguf or args.gguf_adapter)
+    if not args.merged and not args.zip and not gguf:
         return fail(
             "say what to export: --merged OUT_DIR, --zip OUT.zip, --gguf OUT.gguf and/or --gguf-adapter OUT.gguf"
         )
-    if not isinstance(args.id, int):
+    if (args.merged or args.zip) and not isinstance(args.id, int):
         return fail(
             f"--merged and --zip take a run id, not the folder {args.id}; an adapter folder exports with --gguf"
         )
+    if gguf:
+        code = cmd_export_gguf(args)
+        if code or not (args.merged or args.zip):
+            return code
     store, home = open_store(args), home_of(args)
     try:
         run = store.get_run(args.id)
