@@ -4,13 +4,12 @@ weights gives the merged weights, and the merged GGUF answers like the merged mo
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow  # reading the 49k-token GGUF header alone takes 7-18 s on 2 cores
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HF_OF = {
@@ -26,6 +25,7 @@ HF_OF = {
 
 @pytest.fixture(scope="module")
 def embedded():
+    """(path, reader) of the embedded GGUF; parsing its 49k-token header takes 7-18 s on 2 cores."""
     from engine.ml.model import embedded_gguf_path
 
     path = embedded_gguf_path()
@@ -89,7 +89,7 @@ def test_adapter_gguf_fits_the_embedded_gguf_and_reproduces_the_merged_weights(e
             for short, hf in HF_OF.items():
                 w = hf_weight(ref_t[f"blk.{layer}.{short}.weight"], unpermute)
                 model.get_submodule(f"model.layers.{layer}.{hf}").weight.copy_(torch.from_numpy(w))
-    adapter = random_adapter(model, tmp_path / "adapter")
+    adapter = random_adapter(copy.deepcopy(model), tmp_path / "adapter")  # peft injects into what it is given
     out = tmp_path / "lora.gguf"
     info = write_adapter_gguf(adapter, config, out, name="t", reference=ref, progress=lambda s: None)
     assert info == {"alpha": pytest.approx(16 * 8**0.5), "modules": 14, "ranks": [8], "architecture": "llama"}
@@ -112,6 +112,7 @@ def test_adapter_gguf_fits_the_embedded_gguf_and_reproduces_the_merged_weights(e
         np.testing.assert_allclose(applied, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # converts the embedded model once (~20 s), merges, writes, reads back and generates twice
 def test_merged_gguf_of_the_embedded_model_gives_the_same_greedy_reply(embedded, tmp_path):
     import torch
     from peft import PeftModel
