@@ -110,7 +110,7 @@ VERIFIED = {
     "llama": (gguf.MODEL_ARCH.LLAMA, True),
     "qwen2": (gguf.MODEL_ARCH.QWEN2, False),
 }
-VERIFIED_TEXT = "llama (Llama 2/3 without rope scaling, SmolLM, SmolLM2, TinyLlama ...) and qwen2 (Qwen2, Qwen2.5)"
+VERIFIED_TEXT = "llama (SmolLM, SmolLM2, Llama without rope scaling ...) and qwen2 (Qwen2, Qwen2.5)"
 
 
 def rope_theta(config) -> float:
