@@ -126,13 +126,41 @@ def make_tokenizer():
     return hf
 
 
-def _build(out: Path, config_cls: str, model_cls: str, seed: int, **config) -> Path:
-    """A model of transformers' `model_cls` from `config_cls(**config)` with the tiny tokenizer's special ids,
-    saved with the tokenizer like a hub checkpoint."""
+def make_bpe_tokenizer(pre: str = "gpt-2", vocab_size: int = 400):
+    """A byte-level BPE tokenizer (the kind GGUF can hold) trained on the tiny vocabulary and QA texts, with
+    the pre-tokenizer of `pre` — llama.cpp's name: gpt-2, smollm (digits split first), qwen2, llama-bpe."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("gpt-2", "smollm"))
+    steps = {
+        "gpt-2": [byte_level],
+        "smollm": [pre_tokenizers.Digits(individual_digits=True), byte_level],
+    }.get(pre) or [pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"), byte_level]
+    tok = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS)] + [f"{q} {a} 12 345" for q, a in QA] + [f"user : {w} ?" for w in WORDS]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>", "<|endoftext|>"],  # the last: what Qwen2Tokenizer adds
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def _build(out: Path, config_cls: str, model_cls: str, seed: int, tok=None, **config) -> Path:
+    """A model of transformers' `model_cls` from `config_cls(**config)` with the tokenizer's special ids (the
+    tiny word-level one unless `tok` is given), saved with the tokenizer like a hub checkpoint."""
     import torch
     import transformers
 
-    tok = make_tokenizer()
+    tok = tok if tok is not None else make_tokenizer()
     torch.manual_seed(seed)
     ids = dict(
         vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id
@@ -154,16 +182,16 @@ LLAMA_SHAPE = dict(
 )
 
 
-def build_tiny_llama(out: Path, seed: int = 0, **overrides) -> Path:
+def build_tiny_llama(out: Path, seed: int = 0, tok=None, **overrides) -> Path:
     # A larger init than the default: LoRA learns visibly in 25 steps.
     return _build(
-        out, "LlamaConfig", "LlamaForCausalLM", seed, **{**LLAMA_SHAPE, "initializer_range": 0.1, **overrides}
+        out, "LlamaConfig", "LlamaForCausalLM", seed, tok, **{**LLAMA_SHAPE, "initializer_range": 0.1, **overrides}
     )
 
 
-def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
+def build_tiny_qwen2(out: Path, seed: int = 0, tok=None) -> Path:
     """A 2-layer Qwen2: biases on q, k and v (not on o or the MLP), grouped-query attention."""
-    return _build(out, "Qwen2Config", "Qwen2ForCausalLM", seed, **LLAMA_SHAPE)
+    return _build(out, "Qwen2Config", "Qwen2ForCausalLM", seed, tok, **LLAMA_SHAPE)
 
 
 def build_tiny_gpt2(out: Path, seed: int = 0) -> Path:

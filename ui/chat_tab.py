@@ -9,7 +9,8 @@ is running: the chat model then loads on the CPU, so it takes no GPU memory from
 
 The "Export" accordion zips a run's adapter (with its model card), saves base + adapter merged into a
 folder (`python -m engine export ID --merged DIR` in a child process), or pushes to the Hugging Face Hub;
-the token typed there is used for that upload only and never stored or logged.
+the token typed there is used for that upload only and never stored or logged. Its GGUF row (ui.gguf_panel)
+writes the merged model or the adapter as GGUF for llama.cpp / Ollama / LM Studio.
 
 Handlers are module-level functions; the store, the worker and the data home are bound with partial.
 """
@@ -32,6 +33,7 @@ from engine.core.config import EMBEDDED_MODEL
 from engine.core.export import ExportError, export_adapter_zip, push_adapter, redact, stored_summary
 from engine.core.runs import adapter_dir, is_adapter_folder, merged_path, saved_adapter
 from storage import RunStatus
+from ui.gguf_panel import gguf_row, wire_gguf
 
 MAX_PANES = 4
 BASE = "base"
@@ -541,7 +543,7 @@ def wire_chat(c: ChatTab, w, store, sessions: Session) -> None:
 
 def export_panel(store, home: Path, backend):
     """The Export accordion (adapter zip, merged model, Hub push), wired; returns its run picker."""
-    with gr.Accordion("Export a run: adapter zip, merged model, Hugging Face Hub", open=False):
+    with gr.Accordion("Export a run: adapter zip, merged model, Hugging Face Hub, GGUF", open=False):
         runs = finished_runs(store)
         export_run = gr.Dropdown(
             [(run_label(r), r.id) for r in runs],
@@ -567,7 +569,9 @@ def export_panel(store, home: Path, backend):
             private = gr.Checkbox(True, label="private")
             push_merged = gr.Checkbox(False, label="push the merged model")
             push_btn = gr.Button("Push to Hub", size="sm")
+        gguf = gguf_row(home)
         export_md = gr.Markdown()
+    wire_gguf(gguf, export_run, export_md, store=store, home=home, backend=backend)
     zip_btn.click(
         partial(export_zip, store=store, home=home), [export_run], [zip_file, export_md], api_name="chat_export_zip"
     )

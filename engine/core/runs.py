@@ -6,6 +6,8 @@
     <home>/runs/<id>/adapter/               the final PEFT adapter (adapter_config.json + adapter_model.safetensors)
     <home>/exports/run-<id>-adapter.zip     the adapter with its model card
     <home>/exports/run-<id>-merged/         base + adapter merged
+    <home>/exports/run-<id>.gguf            base + adapter merged, as GGUF (+ run-<id>.Modelfile for Ollama)
+    <home>/exports/run-<id>-lora.gguf       the adapter as a llama.cpp LoRA GGUF (+ run-<id>-lora.Modelfile)
 
 The trainer writes these names, the job queue, the CLI and the UI read them: all through this module.
 `run` below is a storage RunRecord (anything with id, out_dir and adapter_dir).
@@ -82,3 +84,7 @@ def adapter_zip_path(home: str | Path, run_id: int) -> Path:
 
 def merged_path(home: str | Path, run_id: int) -> Path:
     return exports_dir(home) / f"run-{run_id}-merged"
+
+
+def gguf_path(home: str | Path, run_id: int, adapter: bool = False) -> Path:
+    return exports_dir(home) / f"run-{run_id}{'-lora' if adapter else ''}.gguf"

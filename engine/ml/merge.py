@@ -9,6 +9,7 @@ folder and renamed into place at the end, so a crash leaves no half-written mode
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,34 +36,11 @@ def merge(
     does not save as a plain checkpoint. A QLoRA run merges into the full-precision base, which is what
     `export` does.
     """
-    if quant != "none":
-        raise ExportError(
-            f"cannot merge into a {quant} base: adding ΔW to quantized weights rounds most of it away "
-            "and the result does not save as a plain checkpoint. Merge into the full-precision base "
-            "(quant none) instead; a QLoRA adapter applies to it unchanged."
-        )
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from engine.ml import model as M
-    from engine.ml.generate import adapter_base_model, same_base
-
-    home = home or data_home()
+    refuse_quantized(quant)
     adapter, out = Path(adapter), Path(out_dir)
-    trained_on = adapter_base_model(adapter)
-    if trained_on and not same_base(trained_on, base, home):
-        raise ExportError(
-            f"adapter {adapter} was trained on {trained_on!r}, not on {base!r}; merge it into its own base"
-        )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; choose a new folder (or pass --force to replace it)")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}[dtype]
-    ref = M.resolve_model(base, home)
-    tok_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else ref
-    tok = M.load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged, tok = load_merged(base, adapter, dtype=dtype, home=home, trust_remote_code=trust_remote_code)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -74,3 +52,81 @@ def merge(
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
+
+
+def refuse_quantized(quant: str) -> None:
+    if quant != "none":
+        raise ExportError(
+            f"cannot merge into a {quant} base: adding ΔW to quantized weights rounds most of it away "
+            "and the result does not save as a plain checkpoint. Merge into the full-precision base "
+            "(quant none) instead; a QLoRA adapter applies to it unchanged."
+        )
+
+
+def load_merged(
+    base: str,
+    adapter: str | Path,
+    *,
+    dtype: str = "fp32",
+    home: Path | None = None,
+    trust_remote_code: bool = False,
+):
+    """(merged model, tokenizer) in memory: `base` + `adapter` through peft's merge_and_unload, on the CPU.
+
+    The inputs are checked first (merge_source); the tokenizer is merged_tokenizer's.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ref = merge_source(base, adapter, home or data_home())
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}[dtype]
+    tok = merged_tokenizer(ref, adapter, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), tok
+
+
+def merge_source(base: str, adapter: str | Path, home: Path) -> str:
+    """The base's from_pretrained reference, after refusing an adapter trained on another base and a base
+    stored quantized (a quantization_config in its config.json: bitsandbytes, GPTQ, AWQ ...)."""
+    from engine.ml import model as M
+
+    check_trained_on(base, adapter, home)
+    ref = M.resolve_model(base, home)
+    stored_quant = _stored_quantization(ref)
+    if stored_quant:
+        raise ExportError(
+            f"base {base!r} is stored quantized ({stored_quant}): adding ΔW to its rounded weights would not "
+            "give the model the adapter was trained against. Merge into the full-precision checkpoint of the "
+            "same model, or export the adapter alone (--gguf-adapter) and apply it at run time."
+        )
+    return ref
+
+
+def check_trained_on(base: str, adapter: str | Path, home: Path) -> None:
+    """ExportError if the adapter says it was trained on another base model than `base`."""
+    from engine.ml.generate import adapter_base_model, same_base
+
+    trained_on = adapter_base_model(adapter)
+    if trained_on and not same_base(trained_on, base, home):
+        raise ExportError(
+            f"adapter {adapter} was trained on {trained_on!r}, not on {base!r}; merge it into its own base"
+        )
+
+
+def merged_tokenizer(base_ref: str, adapter: str | Path, trust_remote_code: bool = False):
+    """The adapter folder's tokenizer when it has one (what the run trained with), else the base's."""
+    from engine.ml import model as M
+
+    adapter = Path(adapter)
+    src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base_ref
+    return M.load_tokenizer(src, trust_remote_code=trust_remote_code)
+
+
+def _stored_quantization(ref: str) -> str | None:
+    """The quant_method of a local folder saved quantized, else None (hub ids are checked when they load)."""
+    cfg = Path(ref) / "config.json"
+    if not cfg.is_file():
+        return None
+    q = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
+    return str(q.get("quant_method", "quantized")) if isinstance(q, dict) else None
