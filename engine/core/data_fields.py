@@ -81,3 +81,25 @@ def parse_columns(value: Any) -> tuple[tuple[str, str], ...]:
 def columns_text(columns: tuple[tuple[str, str], ...]) -> str:
     """The inverse of parse_columns for a text box: 'prompt=question, response=answer'."""
     return ", ".join(f"{a}={b}" for a, b in columns)
+
+
+CUT_WARN_FRACTION = 0.01  # the Train tab and `engine preview` warn when more of the data's tokens would be cut
+
+
+def truncation_warning(stats: Mapping[str, Any], max_seq_len: int) -> str | None:
+    """The warning, with the fix, when more than 1 % of a dataset's tokens would be cut (engine preview's stats)."""
+    total = int(stats.get("tokens_total") or 0)
+    cut = int(stats.get("tokens_truncated") or 0)
+    long_prompts = sum(n for why, n in (stats.get("dropped") or {}).items() if "max_seq_len" in why)
+    lost = cut + (int(stats.get("tokens_dropped") or 0) if long_prompts else 0)
+    if not total or lost / total <= CUT_WARN_FRACTION:
+        return None
+    rows = int(stats.get("rows") or 0)
+    long_rows = int(stats.get("rows_truncated") or 0) + long_prompts
+    dropped = f", {long_prompts} of them dropped (their prompt alone is longer)" if long_prompts else ""
+    return (
+        f"{100 * lost / total:.1f} % of the data's tokens would be cut: {long_rows:,} of {rows:,} rows "
+        f"({100 * long_rows / max(1, rows):.0f} %) are longer than max_seq_len = {max_seq_len}{dropped}. "
+        f"Raise max_seq_len to {int(stats.get('longest') or 0):,} to keep every token (memory grows with it), "
+        "or shorten those rows."
+    )

@@ -8,19 +8,19 @@ Modules, in the order the data flows through them:
     read.py      rows through 🤗 datasets: files, folders, hub ids (offline from the caches), built-in sets
     diagnose.py  what is wrong with a file datasets could not read (line, byte offset, encoding)
     formats.py   format detection; rows → Chat (messages, tool calls) | (prompt, completion) | text
-    render.py    chat templates (tools= when the template supports them, else a documented fallback) and
+    templates.py chat templates (tools= when the template supports them, else a documented fallback) and
                  the character spans of the assistant turns
     tokens.py    ids and response-only labels, truncation counts, group_texts for plain text
-    prepare.py   prepare() and preview(): the whole pipeline, its cache and its counts
+    pipeline.py  prepare() and preview(): the whole pipeline, its cache and its counts
     batching.py  collate (padded) and collate_packed (rows with restarting position ids)
 """
 
 from engine.ml.data.batching import collate, collate_packed, epoch_order, micro_batches, pack_rows
 from engine.ml.data.diagnose import DatasetError
 from engine.ml.data.formats import Chat, detect_format, split_text, to_item
-from engine.ml.data.prepare import TOKENIZATION_VERSION, Prepared, prepare, preview
+from engine.ml.data.pipeline import TOKENIZATION_VERSION, Prepared, check_rows, prepare, preview
 from engine.ml.data.read import SUFFIXES, read_parts
-from engine.ml.data.render import chat_text, native_tools, render
+from engine.ml.data.templates import chat_text, native_tools, render
 from engine.ml.data.tokens import IGNORE, Example, encode, group_texts, tokenize_example
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Example",
     "Prepared",
     "chat_text",
+    "check_rows",
     "collate",
     "collate_packed",
     "detect_format",

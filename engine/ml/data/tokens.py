@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.ml.data.formats import Chat, Item
-from engine.ml.data.render import chat_text
+from engine.ml.data.templates import chat_text
 
 IGNORE = -100  # label value the loss skips
 

@@ -26,7 +26,7 @@ from engine.core.config import RunConfig
 from engine.ml.data.diagnose import DatasetError
 from engine.ml.data.formats import Chat, check_format, detect_format, split_text, to_item
 from engine.ml.data.read import Part, read_parts
-from engine.ml.data.render import native_tools
+from engine.ml.data.templates import native_tools
 from engine.ml.data.tokens import Example, encode, group_texts, learned, rows_of
 
 TOKENIZATION_VERSION = 2  # bump when tokenization changes, to invalidate cached tokenizations
@@ -242,6 +242,22 @@ def prepare(cfg: RunConfig, tok, cache_dir: Path | None = None) -> Prepared:
         tools=("chat template" if native_tools(tok) else "fallback rendering") if t.tools else None,
         first=t.examples[0],
     )
+
+
+def check_rows(cfg: RunConfig, cache_dir: Path | None = None) -> int:
+    """Read every row and turn it into an item without tokenizing (when no tokenizer is at hand); the
+    number of rows, or the first DatasetError."""
+    parts, _ = read_parts(cfg, cache_dir)
+    n = 0
+    for part in parts:
+        fmt = part_format(cfg, part)
+        if part.plain_text:
+            n += len(part.ds)
+            continue
+        for i, row in enumerate(part.ds):
+            to_item(row, fmt, Where(part, i))
+            n += 1
+    return n
 
 
 def _finish_blocks(t: _Tally, max_examples: int) -> None:
