@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.ml.data.diagnose import DatasetError, lone_surrogate
 from engine.ml.data.formats import Chat, Item
 from engine.ml.data.templates import chat_text
 
@@ -45,7 +46,7 @@ def encode(tok, items: Sequence[Item], train_on: str, max_len: int, wheres: Sequ
     chats = [(i, it) for i, it in enumerate(items) if isinstance(it, Chat)]
     if chats:
         rendered = [chat_text(tok, it, wheres[i]) for i, it in chats]
-        enc = tok([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        enc = _tok(tok, [t for t, _ in rendered], [wheres[i] for i, _ in chats], return_offsets_mapping=True)
         for (i, _), (_, spans), ids, offsets in zip(chats, rendered, enc["input_ids"], enc["offset_mapping"]):
             ids_all[i] = list(ids)
             # A token is learned when it starts inside an assistant span.
@@ -56,15 +57,16 @@ def encode(tok, items: Sequence[Item], train_on: str, max_len: int, wheres: Sequ
             )
     pairs = [(i, it) for i, it in enumerate(items) if isinstance(it, tuple)]
     if pairs:  # prompt → completion, raw continuation
-        ps = tok([p for _, (p, _c) in pairs], add_special_tokens=False)["input_ids"]
-        cs = tok([c for _, (_p, c) in pairs], add_special_tokens=False)["input_ids"]
+        where = [wheres[i] for i, _ in pairs]
+        ps = _tok(tok, [p for _, (p, _c) in pairs], where)["input_ids"]
+        cs = _tok(tok, [c for _, (_p, c) in pairs], where)["input_ids"]
         for (i, _), p, c in zip(pairs, ps, cs):
             c = list(c) + eos
             ids_all[i] = list(p) + c
             labels_all[i] = (list(p) if train_on == "all" else [IGNORE] * len(p)) + c
     texts = [(i, it) for i, it in enumerate(items) if isinstance(it, str)]
     if texts:  # plain text: learn every token
-        for (i, _), ids in zip(texts, tok([t for _, t in texts], add_special_tokens=False)["input_ids"]):
+        for (i, _), ids in zip(texts, _tok(tok, [t for _, t in texts], [wheres[i] for i, _ in texts])["input_ids"]):
             ids_all[i] = list(ids) + eos
             labels_all[i] = list(ids_all[i])
     return {
@@ -73,6 +75,22 @@ def encode(tok, items: Sequence[Item], train_on: str, max_len: int, wheres: Sequ
         "n_full": [len(x) for x in ids_all],
         "n_learn_full": [learned(x) for x in labels_all],
     }
+
+
+def _tok(tok, texts: list[str], wheres: Sequence[Any], **kw) -> Any:
+    """tok(texts) with a row-naming error for text no tokenizer takes: a lone UTF-16 surrogate (the fast
+    tokenizers raise a bare TypeError). Data read through Arrow cannot hold one; items built in code can."""
+    try:
+        return tok(texts, add_special_tokens=False, **kw)
+    except TypeError:
+        for text, where in zip(texts, wheres):
+            bad = lone_surrogate(text)
+            if bad:
+                raise DatasetError(
+                    f"{where}: a lone UTF-16 surrogate {bad} in the text (half of an emoji?) cannot be tokenized; "
+                    "fix or remove that character"
+                ) from None
+        raise
 
 
 def tokenize_example(tok, item: Item, train_on: str, max_len: int) -> Example:
