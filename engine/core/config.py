@@ -248,7 +248,7 @@ class RunConfig:
         default="",
         metadata=_help(
             "Split of a hub dataset or a folder with train/test files ('' = train, or the only split); "
-            "slices such as 'train[:1000]' work."
+            "for a hub dataset slices such as 'train[:1000]' work too."
         ),
     )
     dataset_subset: str = field(

@@ -133,7 +133,9 @@ def _folder(folder: Path, split: str, cache_dir: Path | None) -> tuple[list[Part
     by_split = {
         str(k): sorted({Path(f) for f in v if Path(f).suffix.lower() in FILE_BUILDERS}) for k, v in splits.items()
     }
-    want = split.split("[")[0] or ("train" if "train" in by_split else next(iter(by_split)))
+    if "[" in split:
+        raise DatasetError(f"dataset_split = {split!r}: slices work for hub datasets; for a folder use max_examples")
+    want = split or ("train" if "train" in by_split else next(iter(by_split)))
     if want not in by_split:
         raise DatasetError(
             f"folder {str(folder)!r} has splits {sorted(by_split)}; dataset_split = {split!r} is not one"
