@@ -416,6 +416,21 @@ def err(est: float, measured: float) -> float:
     return (est - measured) / measured if measured else float("inf")
 
 
+def result_line(name: str, r: dict, track: bool) -> str:
+    what = "RSS" if r["device"] == "cpu" else "alloc"
+    line = (
+        f"{name:<24} {r['device']:<6} {r['est_gb']:7.3f} {r['measured_gb']:8.3f} {what:<2} "
+        f"{err(r['est_gb'], r['measured_gb']):+7.1%} {r['worst_gb']:10.3f} {err(r['worst_gb'], r['measured_gb']):+7.1%}"
+    )
+    if track:
+        line += (
+            f" {r['est_tensor_gb']:11.3f} {r['tracked_gb']:12.3f} "
+            f"{err(r['est_tensor_gb'], r['tracked_gb']):+7.1%}"
+            f" {r['measured_gb'] - r['tracked_gb']:9.3f}"
+        )
+    return line + f"   ({r['seconds']:.0f} s)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 small configs on the 4-layer model (T = 256)")
@@ -470,18 +485,7 @@ def main() -> int:
         if args.track:
             r["tracked_gb"] = run_worker(cfg, home, True, args.threads)["tracked_gb"]
         rows.append(r)
-        what = "RSS" if r["device"] == "cpu" else "alloc"
-        line = (
-            f"{name:<24} {r['device']:<6} {r['est_gb']:7.3f} {r['measured_gb']:8.3f} {what:<2} "
-            f"{err(r['est_gb'], r['measured_gb']):+7.1%} {r['worst_gb']:10.3f} {err(r['worst_gb'], r['measured_gb']):+7.1%}"
-        )
-        if args.track:
-            line += (
-                f" {r['est_tensor_gb']:11.3f} {r['tracked_gb']:12.3f} "
-                f"{err(r['est_tensor_gb'], r['tracked_gb']):+7.1%}"
-                f" {r['measured_gb'] - r['tracked_gb']:9.3f}"
-            )
-        print(line + f"   ({r['seconds']:.0f} s)", flush=True)
+        print(result_line(name, r, args.track), flush=True)
     worst = max(rows, key=lambda r: abs(err(r["est_gb"], r["measured_gb"])))
     print(
         f"\nworst case: {worst['name']}: estimated {worst['est_gb']:.3f} GB, measured {worst['measured_gb']:.3f} GB "
