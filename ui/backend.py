@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.core.data_fields import DATA_FILE_TYPES
 from engine.core.home import datasets_dir
 from engine.core.launch import run_engine, run_engine_json
 
@@ -34,7 +35,7 @@ INSPECT_TIMEOUT_S = 180.0
 PREVIEW_TIMEOUT_S = 300.0
 DOCTOR_TIMEOUT_S = 120.0
 LONG_TIMEOUT_S = 1800.0  # merging, pushing a merged model
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")  # engine.ml.data.read.SUFFIXES
+DATASET_SUFFIXES = tuple(DATA_FILE_TYPES)
 CHECK_TIMEOUT_S = 300.0  # `engine check` tokenizes the dataset once (the run reuses it)
 
 

@@ -387,6 +387,7 @@ def launch_run(anatomy, preset, doctor, *values, runner, store, backend=None):
         return not_launched(e.problems)
     problems, est = launch_problems(cfg, anatomy, doctor)
     gb_est, trainable = (est.total_gb, est.trainable_params) if est else (None, None)
+    report: dict[str, Any] = {}
     if backend is not None:
         try:
             cfg = cfg.replace(dataset=backend.readable_dataset(cfg.dataset))
@@ -404,8 +405,10 @@ def launch_run(anatomy, preset, doctor, *values, runner, store, backend=None):
         return not_launched(getattr(e, "problems", None) or [str(e)])
     pos = store.queue_position(run_id)
     where = f"queue position {pos}" if pos else str(store.get_run(run_id).status)
+    data = report.get("data") if backend is not None else None
+    warning = truncation_warning(data, cfg.train.max_seq_len) if data else None
     return (
-        f"Run **#{run_id}** launched ({where}).",
+        f"Run **#{run_id}** launched ({where})." + (f"  \n⚠ {warning}" if warning else ""),
         gr.update(choices=run_choices(store), value=run_id),
         gr.Timer(active=True),
     )

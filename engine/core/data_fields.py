@@ -10,6 +10,15 @@ from collections.abc import Mapping
 from typing import Any
 
 TEXT_SPLITS = ("auto", "paragraph", "line", "file")
+# The data files LoRA Lab reads, and the 🤗 datasets builder that reads each (engine.ml.data.read).
+DATA_FILE_TYPES = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 HUB_PREFIX = "hf:"  # dataset = "hf:org/name": a Hugging Face hub dataset
 # The field names a format reads; `columns` maps them to a file's own names.
 DATASET_COLUMNS = (

@@ -19,21 +19,14 @@ from pathlib import Path
 import datasets
 
 from engine.core.config import BUILTIN_DATASETS, RunConfig
-from engine.core.data_fields import HUB_PREFIX
+from engine.core.data_fields import DATA_FILE_TYPES, HUB_PREFIX
 from engine.ml.data.diagnose import DatasetError, diagnose, json_field, jsonl_line, sniff
 
 datasets.disable_progress_bars()  # "Generating train split" bars would fill train.log
 datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its load errors come back as our DatasetError
 
 BUILTIN_DIR = Path(__file__).resolve().parents[2] / "datasets"  # engine/datasets/
-FILE_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-    ".txt": "text",
-}
+FILE_BUILDERS = DATA_FILE_TYPES
 SUFFIXES = tuple(FILE_BUILDERS)
 
 
