@@ -1,7 +1,7 @@
 """The memory calculator against real training runs: estimated vs measured peak, per config.
 
-    python bench/memory_accuracy.py --quick        # 4 configs, T = 256 (about 1 minute on 2 idle cores)
-    python bench/memory_accuracy.py                # 10 configs, incl. the embedded SmolLM2-135M
+    python bench/memory_accuracy.py --quick        # 4 fill-to-max configs (T = 256) + 3 on real data (a few minutes)
+    python bench/memory_accuracy.py                # 10 fill-to-max configs, incl. the embedded SmolLM2-135M, + 3
     python bench/memory_accuracy.py --track        # also count live tensor bytes (a second run per config)
 
 Each config trains a few optimizer steps through engine.ml.train.train in its own subprocess (a fresh
@@ -10,11 +10,15 @@ Measured is what the trainer itself records as peak_mem_gb: torch.cuda.max_memor
 GPU, and on CPU the growth of peak RSS over the baseline it takes after importing torch. Estimated is
 what it stores beside it (engine.core.estimate's allocated_bytes for that device).
 
-The data make the calculator's worst case the real case: plain-text rows (train_on all: every token
-is a target) whose token lengths lie between max_seq_len − 6 and max_seq_len (longer rows are
-truncated), so every micro-batch has batch_size full rows, almost every position is a target, and
-rows end with a short pad tail, which gives transformers' packed block-diagonal attention mask, as
-the estimate assumes for batch_size > 1.
+Two kinds of data. Fill-to-max: plain-text rows (train_on all: every token is a target) whose token
+lengths lie between max_seq_len − 6 and max_seq_len (longer rows are truncated), so every micro-batch
+has batch_size full rows, almost every position is a target, and rows end with a short pad tail, which
+gives transformers' packed block-diagonal attention mask: the calculator's worst case is the real case.
+Real data (REAL_DATA): the built-in persona chats and chatterbot Q/A pairs, and an alpaca-style file
+with varied lengths and max_seq_len 1024, all with train_on responses: short examples packed into few
+rows, a fraction of the positions targets. There the worst case (batch_size × max_seq_len) is far off
+and the estimate the run stores is sized on the data's largest micro-batch (engine.core.batching); the
+table prints both.
 
 The driver itself imports neither torch nor transformers and builds the model and data in a
 subprocess too: on Linux a child's ru_maxrss starts at its parent's peak RSS (the high-water mark
@@ -101,6 +105,27 @@ QUICK = {
     ),
     "r16-all-b2-t256-4bit": ("bench", {"quant": "4bit"}, {"r": 16}, {"batch_size": 2, "max_seq_len": 256}),
 }
+# Real data, train_on responses: the estimate sized on the data's own micro-batches (the stored estimate).
+REAL_DATA = {
+    "persona-smollm2-b4-t512": (
+        "embedded",
+        {"dataset": "builtin:persona", "train_on": "responses", "dataset_format": "auto"},
+        {"r": 8},
+        {"batch_size": 4, "max_seq_len": 512},
+    ),
+    "chatterbot-b8-t256": (
+        "bench",
+        {"dataset": "builtin:chatterbot", "train_on": "responses", "dataset_format": "auto"},
+        {"r": 16},
+        {"batch_size": 8, "max_seq_len": 256},
+    ),
+    "alpaca-b4-t1024": (
+        "bench",
+        {"dataset": "@alpaca", "train_on": "responses", "dataset_format": "auto"},
+        {"r": 8},
+        {"batch_size": 4, "max_seq_len": 1024},
+    ),
+}
 BASE_TRAIN = {
     "max_steps": 3,
     "warmup_steps": 0,
@@ -159,6 +184,27 @@ def write_dataset(home: Path, tokenizer_dir: str, T: int, seed: int = 0) -> Path
     return out
 
 
+def write_alpaca(home: Path, n_rows: int = 400, seed: int = 0) -> Path:
+    """An alpaca-style file with the spread of real instruction data: short instructions, an input on a third
+    of the rows, outputs from a sentence to several paragraphs (a few longer than max_seq_len 1024)."""
+    from tests.tiny import WORDS
+
+    out = home / "alpaca.jsonl"
+    if out.is_file():
+        return out
+    rng = random.Random(seed)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))
+    with out.open("w") as f:
+        for _ in range(n_rows):
+            row = {
+                "instruction": words(rng.randint(5, 40)),
+                "input": words(rng.randint(10, 120)) if rng.random() < 0.33 else "",
+                "output": words(int(rng.lognormvariate(4.6, 0.8))),  # median ~100 words, long tail
+            }
+            f.write(json.dumps(row) + "\n")
+    return out
+
+
 def _text_of_tokens(tok, rng: random.Random, n: int) -> str:
     """Random words whose tokenization is exactly n tokens (words are added while they fit)."""
     from tests.tiny import WORDS
@@ -181,9 +227,12 @@ def run_config(name: str, spec: tuple, models: dict[str, str], data: dict[str, s
     """The run's config dict (RunConfig.from_dict validates it in the worker)."""
     model, top, lora, train = spec
     T = train["max_seq_len"]
+    top = dict(top)
+    if top.get("dataset", "").startswith("@"):  # a file written by setup()
+        top["dataset"] = data[top["dataset"][1:]]
     return {
         "model": models[model],
-        "dataset": data[str(T)],
+        "dataset": data.get(str(T), ""),
         "dataset_format": "text",
         "train_on": "all",
         "dtype": "auto",
@@ -259,6 +308,7 @@ def setup(home: Path, Ts: list[int], embedded: bool, out: Path) -> None:
 
         models["embedded"] = str(ensure_embedded(home))
     data = {T: str(write_dataset(home, models["bench"], T)) for T in Ts}
+    data["alpaca"] = str(write_alpaca(home))
     out.write_text(json.dumps({"models": models, "data": data}))
 
 
@@ -299,8 +349,13 @@ def worker(cfg_path: Path, home: Path, out: Path, track: bool) -> None:
             result = train(cfg, home / "runs" / cfg.name, sink, home=home)
     else:
         result = train(cfg, home / "runs" / cfg.name, sink, home=home)
+    from engine.ml.data import prepare
+
     anatomy = M.inspect_model(cfg.model, home)
-    est = E.estimate(anatomy, cfg, result.device.split(":")[0])
+    device = result.device.split(":")[0]
+    facts = prepare(cfg, M.load_tokenizer(M.resolve_model(cfg.model, home)), home / "cache" / "datasets").facts(cfg)
+    est = E.estimate(anatomy, cfg, device, data=facts)  # what the run stored (est_mem_gb)
+    worst = E.estimate(anatomy, cfg, device)
     out.write_text(
         json.dumps(
             {
@@ -310,6 +365,8 @@ def worker(cfg_path: Path, home: Path, out: Path, track: bool) -> None:
                 "vmhwm_growth_gb": rss_gb("VmHWM") - base,
                 "stored_est_gb": sink.summary.get("est_mem_gb"),
                 "est_gb": E.gb(est.allocated_bytes),
+                "worst_gb": E.gb(worst.allocated_bytes),
+                "batch": est.batch_note,
                 "est_tensor_gb": E.gb(est.tensor_bytes),
                 "tracked_gb": E.gb(tracker.peak) if tracker is not None else None,
                 "terms": {label: E.gb(b) for label, b, _ in est.table_rows()},
@@ -345,6 +402,8 @@ def run_worker(cfg: dict, home: Path, track: bool, threads: int) -> dict:
     out = home / f"{cfg['name']}{'-track' if track else ''}.result.json"
     child(["--worker", str(cfg_path), "--out", str(out)] + (["--track"] if track else []), home, threads, cfg["name"])
     res = json.loads(out.read_text())
+    if res["stored_est_gb"] is not None and abs(res["stored_est_gb"] - res["est_gb"]) > 1e-3 * res["est_gb"]:
+        print(f"  warning: the run stored {res['stored_est_gb']:.3f} GB, the estimate here is {res['est_gb']:.3f} GB")
     if res["device"] == "cpu" and abs(res["vmhwm_growth_gb"] - res["measured_gb"]) > 0.02 * res["vmhwm_growth_gb"]:
         print(
             f"  warning: the trainer measured {res['measured_gb']:.3f} GB but VmHWM grew "
@@ -355,6 +414,21 @@ def run_worker(cfg: dict, home: Path, track: bool, threads: int) -> dict:
 
 def err(est: float, measured: float) -> float:
     return (est - measured) / measured if measured else float("inf")
+
+
+def result_line(name: str, r: dict, track: bool) -> str:
+    what = "RSS" if r["device"] == "cpu" else "alloc"
+    line = (
+        f"{name:<24} {r['device']:<6} {r['est_gb']:7.3f} {r['measured_gb']:8.3f} {what:<2} "
+        f"{err(r['est_gb'], r['measured_gb']):+7.1%} {r['worst_gb']:10.3f} {err(r['worst_gb'], r['measured_gb']):+7.1%}"
+    )
+    if track:
+        line += (
+            f" {r['est_tensor_gb']:11.3f} {r['tracked_gb']:12.3f} "
+            f"{err(r['est_tensor_gb'], r['tracked_gb']):+7.1%}"
+            f" {r['measured_gb'] - r['tracked_gb']:9.3f}"
+        )
+    return line + f"   ({r['seconds']:.0f} s)"
 
 
 def main() -> int:
@@ -379,11 +453,11 @@ def main() -> int:
 
     t_start = time.time()
     home = Path(args.home or tempfile.mkdtemp(prefix="loralab-membench-"))
-    configs = QUICK if args.quick else CONFIGS
+    configs = {**(QUICK if args.quick else CONFIGS), **REAL_DATA}
     if args.only:
-        configs = {k: v for k, v in {**CONFIGS, **QUICK}.items() if k in args.only}
+        configs = {k: v for k, v in {**CONFIGS, **QUICK, **REAL_DATA}.items() if k in args.only}
     steps = args.steps or (2 if args.quick else 3)
-    Ts = sorted({spec[3]["max_seq_len"] for spec in configs.values()})
+    Ts = sorted({spec[3]["max_seq_len"] for name, spec in configs.items() if name not in REAL_DATA})
     embedded = any(spec[0] == "embedded" for spec in configs.values())
     child(
         ["--setup", *map(str, Ts), "--out", str(home / "setup.json")] + (["--embedded"] if embedded else []),
@@ -398,7 +472,9 @@ def main() -> int:
         f"{args.threads} threads",
         flush=True,
     )
-    head = f"{'config':<22} {'device':<6} {'est GB':>7} {'measured GB':>11} {'error':>7}"
+    head = (
+        f"{'config':<24} {'device':<6} {'est GB':>7} {'measured GB':>11} {'error':>7} {'worst case':>10} {'error':>7}"
+    )
     if args.track:
         head += f" {'est tensors':>11} {'live tensors':>12} {'error':>7} {'RSS−live':>9}"
     print(head)
@@ -409,18 +485,7 @@ def main() -> int:
         if args.track:
             r["tracked_gb"] = run_worker(cfg, home, True, args.threads)["tracked_gb"]
         rows.append(r)
-        what = "RSS" if r["device"] == "cpu" else "alloc"
-        line = (
-            f"{name:<22} {r['device']:<6} {r['est_gb']:7.3f} {r['measured_gb']:8.3f} {what:<2} "
-            f"{err(r['est_gb'], r['measured_gb']):+7.1%}"
-        )
-        if args.track:
-            line += (
-                f" {r['est_tensor_gb']:11.3f} {r['tracked_gb']:12.3f} "
-                f"{err(r['est_tensor_gb'], r['tracked_gb']):+7.1%}"
-                f" {r['measured_gb'] - r['tracked_gb']:9.3f}"
-            )
-        print(line + f"   ({r['seconds']:.0f} s)", flush=True)
+        print(result_line(name, r, args.track), flush=True)
     worst = max(rows, key=lambda r: abs(err(r["est_gb"], r["measured_gb"])))
     print(
         f"\nworst case: {worst['name']}: estimated {worst['est_gb']:.3f} GB, measured {worst['measured_gb']:.3f} GB "

@@ -153,7 +153,7 @@ def arm_trainer(cfg, home: Path) -> dict:
     device = M.pick_device()
     base = M.load_base_model(ref, cfg, device)
     model = get_peft_model(base, M.lora_config(cfg, M.describe(base)))
-    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "tokenized")
+    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "datasets")
     # Our engine's exact example order, so both arms see identical batches.
     order, it = [], D.micro_batches(len(prep.train), cfg.train.batch_size, cfg.train.seed)
     for _ in range(cfg.train.max_steps):

@@ -249,7 +249,7 @@ def test_cli_submit_cancel_resume(store, home, tiny_llama_dir, chat_jsonl, tmp_p
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=240,  # submit checks the model and the dataset first (imports torch: seconds)
         )
 
     done = cli("submit", str(cfg_path))

@@ -82,6 +82,10 @@ NON_DEFAULT = dict(
     targets=["q_proj", "v_proj"],
     dataset="/data/chat.jsonl",
     dataset_format="messages",
+    columns="messages=dialog",
+    dataset_split="train[:50]",
+    dataset_subset="main",
+    text_split="line",
     train_on="all",
     max_examples=100,
     quant="4bit",
@@ -127,6 +131,12 @@ def test_config_from_form_maps_every_field():
         "messages",
         "all",
         100,
+    )
+    assert (cfg.columns, cfg.dataset_split, cfg.dataset_subset, cfg.text_split) == (
+        (("messages", "dialog"),),
+        "train[:50]",
+        "main",
+        "line",
     )
     assert (cfg.quant, cfg.dtype, cfg.trust_remote_code) == ("4bit", "bf16", True)
     assert cfg.lora == LoraSpec(

@@ -229,3 +229,62 @@ def write_chat_jsonl(path: Path, repeat: int = 3) -> Path:
                     + "\n"
                 )
     return path
+
+
+# ---- a byte-level BPE tokenizer: any text (JSON, tool calls, unicode) round-trips ------------------------
+
+CHATML_TEMPLATE = (  # SmolLM2's layout without its default system prompt: no tool support
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TOOLS_TEMPLATE = (  # a Hermes/Qwen2.5-style template that renders tools, tool calls and tool results
+    "{%- if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools><|im_end|>\n"
+    "{%- elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' %}"
+    "{%- elif m['role'] == 'assistant' and m.get('tool_calls') %}<|im_start|>assistant\n"
+    "{% if m['content'] %}{{ m['content'] }}\n{% endif %}"
+    "{% for c in m['tool_calls'] %}<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>'
+    "{% endfor %}<|im_end|>\n"
+    "{%- elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_chatml_bpe_tokenizer(chat_template: str = CHATML_TEMPLATE, vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained here on WORDS and JSON punctuation (milliseconds), with ChatML
+    specials; pad = eos = <|im_end|>, as in SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|im_start|>", "<|im_end|>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(WORDS)] * 20 + ['{"name": "get_weather", "arguments": {"city": "paris"}}'] * 20
+    tok.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        unk_token="<unk>",
+    )
+    hf.chat_template = chat_template
+    return hf
+
+
+def build_tiny_llama_bpe(out: Path, seed: int = 0) -> Path:
+    """The tiny Llama over the ChatML BPE tokenizer above (for training on text the word-level one cannot spell)."""
+    return _build(out, "LlamaConfig", "LlamaForCausalLM", seed, tok=make_chatml_bpe_tokenizer(), **LLAMA_SHAPE)

@@ -10,7 +10,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.core.config import field_help
 
 
-def fmt(v):
+def fmt(v, name=""):
+    if name == "columns":
+        return "`{}` (the data's own names)"
+    if v == "":
+        return "`''`"
     if isinstance(v, tuple):
         return "`[" + ", ".join(map(str, v)) + "]`" if v else "`[]` (all)"
     return f"`{v}`"
@@ -23,7 +27,7 @@ def main() -> None:
         for name, meta in field_help(section).items():
             key = f"{section}.{name}" if section else name
             choices = f" One of: {', '.join(meta['choices'])}." if "choices" in meta else ""
-            print(f"| `{key}` | {fmt(meta['default'])} | {meta['help']}{choices} |")
+            print(f"| `{key}` | {fmt(meta['default'], name)} | {meta['help']}{choices} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.core.data_fields import DATA_FILE_TYPES
 from engine.core.home import datasets_dir
 from engine.core.launch import run_engine, run_engine_json
 
@@ -34,7 +35,8 @@ INSPECT_TIMEOUT_S = 180.0
 PREVIEW_TIMEOUT_S = 300.0
 DOCTOR_TIMEOUT_S = 120.0
 LONG_TIMEOUT_S = 1800.0  # merging, pushing a merged model
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
+DATASET_SUFFIXES = tuple(DATA_FILE_TYPES)
+CHECK_TIMEOUT_S = 300.0  # `engine check` tokenizes the dataset once (the run reuses it)
 
 
 def inspect_cache_key(model: str, trust_remote_code: bool = False) -> str:
@@ -58,8 +60,11 @@ class Backend:
         python: str = sys.executable,
         env: dict[str, str] | None = None,
         db_url: str | None = None,
+        data_dirs: Sequence[str | os.PathLike] = (),
     ):
         self.home = Path(home)
+        # Where the web app may read datasets: its uploads, and the folders its operator allowed (--data-dir).
+        self.data_dirs = [Path(d).expanduser().resolve() for d in data_dirs]
         self.python = python
         self.env = env
         self.db_url = db_url  # the app's database, for commands that read runs (export, push)
@@ -118,25 +123,79 @@ class Backend:
         dataset_format: str = "auto",
         train_on: str = "responses",
         max_seq_len: int = 512,
+        columns: str = "",
+        dataset_split: str = "",
+        dataset_subset: str = "",
+        text_split: str = "auto",
+        max_examples: int = 0,
+        val_split: float = 0.1,
+        seed: int = 42,
     ) -> dict[str, Any]:
-        """Detected format, row and split counts, token-length stats and the rendered first example."""
-        return self.run(
-            [
-                "preview",
-                "--model",
-                model,
-                "--dataset",
-                dataset,
-                "--dataset-format",
-                dataset_format,
-                "--train-on",
-                train_on,
-                "--max-seq-len",
-                str(int(max_seq_len)),
-                "--json",
-            ],
-            PREVIEW_TIMEOUT_S,
+        """`engine preview --facts --json`: format, rows, what is dropped or cut, token lengths, the rendered
+        first example, and the training split's token counts for the memory estimate."""
+        args = [
+            "preview",
+            "--model",
+            model,
+            "--dataset",
+            self.readable_dataset(dataset),
+            "--dataset-format",
+            dataset_format,
+            "--train-on",
+            train_on,
+            "--max-seq-len",
+            str(int(max_seq_len)),
+            "--split",
+            dataset_split,
+            "--subset",
+            dataset_subset,
+            "--text-split",
+            text_split,
+            "--max-examples",
+            str(int(max_examples)),
+            "--val-split",
+            str(float(val_split)),
+            "--seed",
+            str(int(seed)),
+            "--facts",
+            "--json",
+        ]
+        if columns.strip():
+            args += ["--columns", columns]
+        return self.run(args, PREVIEW_TIMEOUT_S)
+
+    def check(self, cfg) -> dict[str, Any]:
+        """`engine check - --json` on a RunConfig: {ok, problems, data, facts, estimate}; no weights loaded."""
+        return run_engine_json(
+            ["check", "-", "--json"],
+            CHECK_TIMEOUT_S,
+            home=self.home,
+            db_url=self.db_url,
+            python=self.python,
+            env=self.env,
+            stdin=cfg.to_json(),
         )
+
+    def allowed_places(self) -> list[Path]:
+        return [datasets_dir(self.home).resolve(), *self.data_dirs]
+
+    def readable_dataset(self, dataset: str) -> str:
+        """The dataset as the engine should read it: built-in and hub ids as they are, a path made absolute
+        if it lies inside an allowed place (uploads, --data-dir folders); ValueError naming those otherwise.
+        A relative path is taken relative to the uploads folder."""
+        d = (dataset or "").strip()
+        if not d or d.startswith(("builtin:", "hf:")):
+            return d
+        places = self.allowed_places()
+        p = Path(d).expanduser()
+        resolved = (p if p.is_absolute() else places[0] / p).resolve()
+        if not any(resolved == place or resolved.is_relative_to(place) for place in places):
+            raise ValueError(
+                f"dataset {d!r}: the web app reads datasets only from its uploads ({places[0]})"
+                + (f" and the folders allowed at start ({', '.join(map(str, places[1:]))})" if places[1:] else "")
+                + "; upload the file, or restart the app with --data-dir FOLDER (the CLI reads any path)"
+            )
+        return str(resolved)
 
     def doctor(self) -> dict[str, Any]:
         """Device and quantization support of this machine; asked once per process."""

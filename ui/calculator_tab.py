@@ -24,6 +24,7 @@ import gradio as gr
 import pandas as pd
 
 from engine.core import estimate as E
+from engine.core.batching import DataFacts
 from engine.core.config import DTYPES, EMBEDDED_MODEL, QUANT_MODES, TARGET_PRESETS, ConfigError, RunConfig, field_help
 from ui.insight_plots import accuracy_figure, memory_figure
 
@@ -175,20 +176,39 @@ def summary_markdown(est: E.Estimate) -> str:
     )
 
 
-def estimate_panel(anatomy: Mapping[str, Any] | None, device: str, budget_gb: float | None, *values: Any):
-    """Any knob → [summary, memory bar, breakdown table, fits verdict, suggestions]. Pure arithmetic."""
+def calc_panel(anatomy, device: str, budget_gb, facts, *values: Any):
+    """estimate_panel as Gradio calls it (the measured dataset's token counts before the knobs)."""
+    return estimate_panel(anatomy, device, budget_gb, *values, facts=facts)
+
+
+def estimate_panel(
+    anatomy: Mapping[str, Any] | None,
+    device: str,
+    budget_gb: float | None,
+    *values: Any,
+    facts: Mapping[str, Any] | None = None,
+):
+    """Any knob → [summary, memory bar, breakdown table, fits verdict, suggestions]. Pure arithmetic.
+
+    facts: a measured dataset (measure_dataset): when it was measured for this model and max_seq_len the
+    estimate is sized on its largest micro-batch, and the worst case is shown beside it.
+    """
     knobs = dict(zip(KNOBS, values))
     if not anatomy:
         msg = "Pick a model and press **Load** (its shapes are read once, in a child process)."
         return msg, memory_figure([]), breakdown_table_empty(), "", ""
+    data, stale = data_for(anatomy, knobs, facts)
     try:
         cfg = calc_config(anatomy, knobs)
         frac = float(knobs.get("target_frac") or 1.0)
-        est = E.estimate(anatomy, cfg, device, target_frac=frac if frac < 1.0 else None)
+        worst = E.estimate(anatomy, cfg, device, target_frac=frac if frac < 1.0 else None)
+        if data is not None:
+            cfg = cfg.replace(train_on=facts["train_on"], dataset=facts["dataset"])
+        est = E.estimate(anatomy, cfg, device, data=data) if data is not None else worst
     except ConfigError as e:
         return ("⚠ " + "  \n⚠ ".join(e.problems)), memory_figure([]), breakdown_table_empty(), "", ""
     budget = float(budget_gb or 0)
-    tips = E.suggestions(anatomy, cfg, est, budget) if budget > 0 else []
+    tips = E.suggestions(anatomy, cfg, est, budget, data=data) if budget > 0 else []
     if budget > 0 and not tips:
         advice = f"Fits in the {budget:g} GB budget."
     elif tips:
@@ -196,12 +216,59 @@ def estimate_panel(anatomy: Mapping[str, Any] | None, device: str, budget_gb: fl
     else:
         advice = ""
     return (
-        summary_markdown(est),
+        summary_markdown(est) + "  \n" + basis_markdown(est, worst, facts, stale),
         memory_figure(est.table_rows(), gpus=GPUS, device=device),
         breakdown_table(est),
         fits_markdown(est),
         advice,
     )
+
+
+def data_for(anatomy, knobs: Mapping[str, Any], facts: Mapping[str, Any] | None) -> tuple[DataFacts | None, str]:
+    """The measured dataset's token counts if they fit the model and max_seq_len, else (None, why not)."""
+    if not facts:
+        return None, ""
+    if facts.get("model") != anatomy.get("model") or int(facts.get("max_seq_len", 0)) != int(knobs["max_seq_len"]):
+        return None, (
+            f"{facts.get('dataset')} was measured for {facts.get('model')} at max_seq_len {facts.get('max_seq_len')}: "
+            "press **Measure** again"
+        )
+    return DataFacts.from_dict(facts["facts"]), ""
+
+
+def basis_markdown(est: E.Estimate, worst: E.Estimate, facts: Mapping[str, Any] | None, stale: str) -> str:
+    """Which basis the estimate used, and the other one beside it."""
+    if est is not worst:
+        return (
+            f"**Basis: dataset lengths** ({facts['dataset']}, loss on {facts['train_on']}): {est.batch_note} → "
+            f"**{est.total_gb:.2f} GB**; worst case ({worst.batch_note}) → {worst.total_gb:.2f} GB."
+        )
+    return f"**Basis: worst case** ({est.batch_note}). " + (
+        stale or "**Measure** a dataset below to size the estimate on its token lengths."
+    )
+
+
+def measure_dataset(anatomy, dataset: str, train_on: str, max_seq_len: float, *, backend):
+    """Measure button → [facts state, note]: the dataset's token counts for this model (`engine preview --facts`)."""
+    if not anatomy:
+        raise gr.Error("Load a model first: its tokenizer counts the tokens")
+    model = str(anatomy.get("model"))
+    try:
+        p = backend.preview(model=model, dataset=dataset or "", train_on=train_on, max_seq_len=int(max_seq_len))
+    except ValueError as e:
+        raise gr.Error(f"Cannot measure the dataset: {e}") from None
+    state = {
+        "facts": p["facts"],
+        "model": model,
+        "dataset": dataset,
+        "train_on": train_on,
+        "max_seq_len": int(max_seq_len),
+    }
+    note = (
+        f"{dataset}: {p['format']}, {p['train']:,} training examples, tokens per example median {p['len_p50']}, "
+        f"max {p['len_max']} (of max_seq_len {int(max_seq_len)})"
+    )
+    return state, note
 
 
 def breakdown_table_empty() -> pd.DataFrame:
@@ -287,7 +354,7 @@ def build_calculator_tab(store, runner, home: Path, backend) -> CalculatorTab:
     initial = backend.cached_inspect(EMBEDDED_MODEL)  # no process at build time: only an existing cache entry
     first = estimate_panel(initial, DEVICE_DEFAULT, BUDGET_DEFAULT, *(D[n] for n in KNOBS))
     first_runs = runs_panel(initial, store=store)
-    w = SimpleNamespace(anatomy=gr.State(initial))
+    w = SimpleNamespace(anatomy=gr.State(initial), facts=gr.State(None))
     k: dict[str, Any] = {}
     gr.Markdown(
         "Exact trainable parameters and a per-term memory estimate for any model. The model's shapes are "
@@ -314,6 +381,7 @@ def build_calculator_tab(store, runner, home: Path, backend) -> CalculatorTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             knob_widgets(k, w, initial)
+            data_widgets(w, home, getattr(backend, "data_dirs", []))
         with gr.Column(scale=3):
             w.summary = gr.Markdown(first[0], elem_id="calc-summary")
             w.bar = gr.Plot(first[1], label="Memory at the peak", elem_id="calc-bar")
@@ -376,16 +444,40 @@ def knob_widgets(k: dict[str, Any], w, initial: Mapping[str, Any] | None) -> Non
         w.budget = gr.Number(BUDGET_DEFAULT, label="Budget GB (for suggestions)", minimum=0)
 
 
+def data_widgets(w, home: Path, data_dirs=()) -> None:
+    """A dataset to size the estimate on (its token lengths), measured once through the engine."""
+    from ui.train_form import dataset_choices
+
+    with gr.Row():
+        w.data_box = gr.Dropdown(
+            dataset_choices(home, data_dirs),
+            value="builtin:persona",
+            label="Dataset to size the estimate on",
+            allow_custom_value=True,
+            scale=3,
+            elem_id="calc-dataset",
+        )
+        w.data_train_on = gr.Radio(["responses", "all"], value="responses", label="Loss on", scale=2)
+        w.measure_btn = gr.Button("Measure", scale=1, elem_id="calc-measure")
+    w.data_note = gr.Markdown(elem_id="calc-data-note")
+
+
 def wire_calculator(k: dict[str, Any], w, store, backend) -> None:
     knob_inputs = [k[name] for name in KNOBS]
     load = partial(load_model, backend=backend)
     model = [w.model_choice, w.model_text, w.trust]
     w.load_btn.click(load, model, [w.anatomy_md, w.anatomy, k["kinds"]], api_name="calc_load")
     w.model_choice.input(load, model, [w.anatomy_md, w.anatomy, k["kinds"]], api_name=False)
+    w.measure_btn.click(
+        partial(measure_dataset, backend=backend),
+        [w.anatomy, w.data_box, w.data_train_on, k["max_seq_len"]],
+        [w.facts, w.data_note],
+        api_name="calc_measure",
+    )
     gr.on(
-        [w.anatomy.change, w.device.change, w.budget.change, *(c.change for c in knob_inputs)],
-        estimate_panel,
-        [w.anatomy, w.device, w.budget, *knob_inputs],
+        [w.anatomy.change, w.device.change, w.budget.change, w.facts.change, *(c.change for c in knob_inputs)],
+        calc_panel,
+        [w.anatomy, w.device, w.budget, w.facts, *knob_inputs],
         [w.summary, w.bar, w.table, w.fits, w.advice],
         api_name="calc_estimate",
         show_progress="hidden",

@@ -124,11 +124,29 @@ def run_summary(r) -> str:
         ("device", r.device),
     ]
     parts.append(" · ".join(f"{k} {v}" for k, v in figures if v))
+    if data_line(r.summary):
+        parts.append(data_line(r.summary))
     if r.adapter_dir:
         parts.append(f"adapter `{r.adapter_dir}`")
     if r.error:
         parts.append(f"**Error:** {r.error}")
     return "  \n".join(parts)
+
+
+def data_line(summary: dict | None) -> str:
+    """What the run read of its dataset: rows → examples, tokens kept and cut, rows dropped per reason."""
+    d = summary or {}
+    if "tokens_total" not in d:
+        return ""
+    line = (
+        f"data: {d.get('format')}, {d.get('rows', 0):,} rows → {d.get('train_examples', 0):,} train / "
+        f"{d.get('val_examples', 0):,} val · {d['tokens_kept']:,} of {d['tokens_total']:,} tokens kept"
+        f" ({d.get('tokens_truncated', 0):,} cut by truncation)"
+    )
+    dropped = d.get("dropped") or {}
+    if dropped:
+        line += " · dropped: " + "; ".join(f"{n:,} {why}" for why, n in dropped.items())
+    return line
 
 
 def show_run(run_id: int | None, *, store):

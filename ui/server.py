@@ -29,7 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", help="'user:pass', or a file with one user:pass per line; required off loopback")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --auth")
     p.add_argument("--max-concurrent", type=int, default=1, help="training jobs at once (default 1)")
+    p.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder the app may read datasets from, besides its uploads (repeatable); typed paths elsewhere "
+        "are refused",
+    )
     return p
+
+
+def check_data_dirs(dirs: list[str]) -> list[Path]:
+    """The --data-dir folders, resolved; ValueError for one that is not a folder."""
+    out = []
+    for d in dirs:
+        p = Path(d).expanduser().resolve()
+        if not p.is_dir():
+            raise ValueError(f"--data-dir {d!r} is not a folder")
+        out.append(p)
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -97,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: --auth: {e}", file=sys.stderr)
         return 2
+    try:
+        data_dirs = check_data_dirs(args.data_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from engine.core.home import data_home, open_store
     from engine.core.jobs import JobRunner
@@ -110,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     if recovered:
         print(f"recovered runs after a restart: {', '.join(f'#{i}' for i in recovered)}")
     runner.start()
-    backend = Backend(home, db_url=store.url)
+    backend = Backend(home, db_url=store.url, data_dirs=data_dirs)
     # Ask the engine what this machine can do (imports torch: seconds) while the server starts.
     threading.Thread(target=_warm_doctor, args=(backend,), name="doctor", daemon=True).start()
     demo = build_app(store, runner, home, backend=backend)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"LoRA Lab: http://{shown}:{args.port}  (data home {home})", flush=True)
+    if data_dirs:
+        print(f"datasets readable from: {', '.join(map(str, backend.allowed_places()))}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server like Ctrl+C; training jobs go on
     try:
         demo.launch(

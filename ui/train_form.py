@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from engine.core.anatomy import preset_kinds
+from engine.core.batching import DataFacts, facts_key
 from engine.core.config import (
     BUILTIN_DATASETS,
     EMBEDDED_MODEL,
@@ -27,6 +28,7 @@ from engine.core.config import (
     TrainSpec,
     field_help,
 )
+from engine.core.data_fields import columns_text, truncation_warning
 from engine.core.estimate import estimate, gb
 from engine.core.home import datasets_dir
 from ui.backend import DATASET_SUFFIXES, cached_hub_models, save_upload
@@ -46,7 +48,10 @@ TRAIN_KEYS = tuple(f.name for f in fields(TrainSpec))
 FORM_FIELDS = ("model_choice", "model_text", "targets", *TOP_KEYS, *LORA_KEYS, *TRAIN_KEYS)
 
 
-STR_KEYS = {f.name for cls in (RunConfig, LoraSpec, TrainSpec) for f in fields(cls) if f.type == "str"} | {"layers"}
+STR_KEYS = {f.name for cls in (RunConfig, LoraSpec, TrainSpec) for f in fields(cls) if f.type == "str"} | {
+    "layers",
+    "columns",
+}
 
 
 def targets_for(selected: Sequence[str] | None, preset: str) -> tuple[str, ...]:
@@ -86,6 +91,7 @@ def form_from_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         **{k: d["train"][k] for k in TRAIN_KEYS},
     }
     form["layers"] = layers_text(c.lora.layers)
+    form["columns"] = columns_text(c.columns)
     return form, preset
 
 
@@ -215,11 +221,20 @@ def load_machine(*, backend):
     return quant_update(doctor), doctor
 
 
-def dataset_choices(home: Path) -> list[tuple[str, str]]:
+def dataset_choices(home: Path, data_dirs: Sequence[Path] = ()) -> list[tuple[str, str]]:
+    """The built-in sets, the uploads, and the data files of the folders the app may read (--data-dir)."""
     files = sorted(p for p in datasets_dir(Path(home)).iterdir() if p.suffix.lower() in DATASET_SUFFIXES)
-    return [(f"{k} — {v.split('(')[0].strip()}", k) for k, v in BUILTIN_DATASETS.items()] + [
-        (f"uploaded: {p.name}", str(p)) for p in files
+    extra = [
+        (f"{d.name}/{p.name}", str(p))
+        for d in data_dirs
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.suffix.lower() in DATASET_SUFFIXES
     ]
+    return (
+        [(f"{k} — {v.split('(')[0].strip()}", k) for k, v in BUILTIN_DATASETS.items()]
+        + [(f"uploaded: {p.name}", str(p)) for p in files]
+        + extra
+    )
 
 
 def upload_dataset(path: str | None, *, home: Path):
@@ -235,9 +250,23 @@ def upload_dataset(path: str | None, *, home: Path):
 
 
 def preview_dataset(
-    model_choice: str, model_text: str, dataset: str, dataset_format: str, train_on: str, max_seq_len: float, *, backend
+    model_choice: str,
+    model_text: str,
+    dataset: str,
+    dataset_format: str,
+    train_on: str,
+    max_seq_len: float,
+    columns: str = "",
+    dataset_split: str = "",
+    dataset_subset: str = "",
+    text_split: str = "auto",
+    max_examples: float = 0,
+    val_split: float = 0.1,
+    seed: float = 42,
+    *,
+    backend,
 ):
-    """Preview button → [summary markdown, the first example as the model sees it]."""
+    """Preview button → [summary markdown, the first example as the model sees it, the data's token counts]."""
     model = (model_text or "").strip() or (model_choice or "").strip()
     try:
         p = backend.preview(
@@ -246,22 +275,55 @@ def preview_dataset(
             dataset_format=dataset_format or "auto",
             train_on=train_on or "responses",
             max_seq_len=int(max_seq_len or 512),
+            columns=columns or "",
+            dataset_split=dataset_split or "",
+            dataset_subset=dataset_subset or "",
+            text_split=text_split or "auto",
+            max_examples=int(max_examples or 0),
+            val_split=float(val_split if val_split is not None else 0.1),
+            seed=int(seed if seed is not None else 42),
         )
     except ValueError as e:
         raise gr.Error(f"Cannot preview: {e}") from None
-    md = (
-        f"Format **{p['format']}** · {p['rows']:,} rows → **{p['train']:,} train / {p['val']:,} val**"
-        + (f" ({p['dropped']} dropped)" if p.get("dropped") else "")
-        + f" · tokens per example: min {p['len_min']}, median {p['len_p50']}, p95 {p['len_p95']}, "
-        f"max {p['len_max']} ({p['tokens_total']:,} in all)"
-    )
-    return md, gr.update(value=p["rendered_example"], visible=True)
+    return preview_markdown(p), gr.update(value=p["rendered_example"], visible=True), p.get("facts")
+
+
+def preview_markdown(p: Mapping[str, Any]) -> str:
+    """Format, rows → examples, what was dropped (per reason) or cut, token lengths, and the >1 % warning."""
+    dropped = p.get("dropped") or {}
+    kept = f"{p['tokens_kept']:,} of {p['tokens_total']:,} tokens kept"
+    if p.get("tokens_truncated"):
+        kept += f", {p['tokens_truncated']:,} cut by truncation ({p.get('rows_truncated', 0):,} rows)"
+    lines = [
+        f"Format **{p['format']}** · {p['rows']:,} rows → **{p['train']:,} train / {p['val']:,} val** · {kept}",
+        f"Tokens per example: min {p['len_min']}, median {p['len_p50']}, p95 {p['len_p95']}, max {p['len_max']} "
+        f"(longest row before truncation: {p.get('longest', p['len_max']):,})",
+    ]
+    if dropped:
+        lines.append("Dropped: " + "; ".join(f"{n:,} {why}" for why, n in dropped.items()))
+    if p.get("tools"):
+        lines.append(f"Tool calls rendered with the {p['tools']} (see README, Tool calling)")
+    lines += [f"Note: {n}" for n in p.get("notes") or []]
+    warning = truncation_warning(p, int(p.get("max_seq_len") or 0))
+    if warning:
+        lines.append(f"⚠ **{warning}**")
+    return "  \n".join(lines)
+
+
+def train_estimate(anatomy, preset: str, doctor, facts, *values: Any) -> str:
+    """The estimate handler as Gradio calls it (the previewed data's token counts before the form values)."""
+    return estimate_markdown(anatomy, preset, doctor, *values, facts=facts)
 
 
 def estimate_markdown(
-    anatomy: Mapping[str, Any] | None, preset: str, doctor: Mapping[str, Any] | None, *values: Any
+    anatomy: Mapping[str, Any] | None,
+    preset: str,
+    doctor: Mapping[str, Any] | None,
+    *values: Any,
+    facts: Mapping[str, Any] | None = None,
 ) -> str:
-    """Exact trainable parameter count and memory estimate shown next to Launch."""
+    """Exact trainable parameter count and memory estimate shown next to Launch: sized on the previewed
+    dataset's lengths when the preview matches the form, else the worst case (batch_size × max_seq_len)."""
     form = dict(zip(FORM_FIELDS, values))
     try:
         cfg = config_from_form(form, preset)
@@ -273,16 +335,24 @@ def estimate_markdown(
     if not anatomy or anatomy.get("model") != cfg.model:
         return f"{target}  \nPress **Inspect** to see the exact trainable parameter count and the memory estimate."
     device = (doctor or {}).get("device", "cuda")
+    bf16 = bool((doctor or {}).get("bf16", True))
+    data = DataFacts.from_dict(facts) if facts and facts.get("key") == facts_key(cfg) else None
     try:
-        est = estimate(anatomy, cfg, device, bf16_capable=bool((doctor or {}).get("bf16", True)))
+        est = estimate(anatomy, cfg, device, bf16_capable=bf16, data=data)
+        worst = estimate(anatomy, cfg, device, bf16_capable=bf16) if data else est
     except ConfigError as e:
         return "⚠ " + "; ".join(e.problems)
+    basis = (
+        f"sized on the dataset: {est.batch_note}; worst case ({worst.batch_note}) {worst.total_gb:.2f} GB"
+        if data
+        else f"worst case: {est.batch_note}; press **Preview** to size it on the dataset's lengths"
+    )
     return (
         f"{target} · {est.n_modules} modules  \n**Trainable: {est.trainable_params:,}** "
         f"({est.trainable_pct:.3f} % of {est.total_params:,})  \n"
         f"**Memory ≈ {est.total_gb:.2f} GB** on {device} ({est.compute_dtype}): weights {gb(est.weights_bytes):.2f}"
         f", LoRA + grads + AdamW {gb(est.lora_bytes + est.grad_bytes + est.optimizer_bytes):.3f}"
-        f", activations {gb(est.activation_bytes):.2f}, logits {gb(est.logits_bytes):.2f}"
+        f", activations {gb(est.activation_bytes):.2f}, logits {gb(est.logits_bytes):.2f}  \n{basis}"
     )
 
 
@@ -307,31 +377,49 @@ def not_launched(problems: Sequence[str]):
     return "**Not launched.** " + problems_text(problems).replace("\n• ", "\n- "), gr.skip(), gr.skip()
 
 
-def launch_run(anatomy, preset, doctor, *values, runner, store):
-    """Launch button → [message, run selector, timer]: validate everything, then queue the run."""
+def launch_run(anatomy, preset, doctor, *values, runner, store, backend=None):
+    """Launch button → [message, run selector, timer]: validate everything, ask the engine whether the run can
+    start (`engine check`: the model resolves, the dataset parses and yields examples), then queue it.
+    Without a backend (unit tests of the form alone) the engine is not asked."""
     try:
         cfg = config_from_form(dict(zip(FORM_FIELDS, values)), preset)
     except ConfigError as e:
         return not_launched(e.problems)
     problems, est = launch_problems(cfg, anatomy, doctor)
+    gb_est, trainable = (est.total_gb, est.trainable_params) if est else (None, None)
+    report: dict[str, Any] = {}
+    if backend is not None:
+        try:
+            cfg = cfg.replace(dataset=backend.readable_dataset(cfg.dataset))
+        except ValueError as e:
+            return not_launched([*problems, str(e)])
+        report = engine_check(cfg, backend)
+        problems += [p for p in report["problems"] if p not in problems]
+        gb_est = (report.get("estimate") or {}).get("total_gb", gb_est)
+        trainable = (report.get("estimate") or {}).get("trainable_params", trainable)
     if problems:
         return not_launched(problems)
     try:
-        run_id = runner.submit(
-            cfg,
-            name=cfg.name or None,
-            est_mem_gb=est.total_gb if est else None,
-            trainable_params=est.trainable_params if est else None,
-        )
+        run_id = runner.submit(cfg, name=cfg.name or None, est_mem_gb=gb_est, trainable_params=trainable)
     except ValueError as e:  # ConfigError (every problem listed), DiskSpaceError
         return not_launched(getattr(e, "problems", None) or [str(e)])
     pos = store.queue_position(run_id)
     where = f"queue position {pos}" if pos else str(store.get_run(run_id).status)
+    data = report.get("data") if backend is not None else None
+    warning = truncation_warning(data, cfg.train.max_seq_len) if data else None
     return (
-        f"Run **#{run_id}** launched ({where}).",
+        f"Run **#{run_id}** launched ({where})." + (f"  \n⚠ {warning}" if warning else ""),
         gr.update(choices=run_choices(store), value=run_id),
         gr.Timer(active=True),
     )
+
+
+def engine_check(cfg: RunConfig, backend) -> dict[str, Any]:
+    """`engine check` of the run: {ok, problems, data, estimate}; an engine that cannot answer is a problem too."""
+    try:
+        return backend.check(cfg)
+    except ValueError as e:
+        return {"ok": False, "problems": [f"the engine could not check the run: {e}"]}
 
 
 def prefill_form(run_id: int | None, anatomy: Mapping[str, Any] | None, *, store):

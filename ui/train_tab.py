@@ -15,7 +15,16 @@ from typing import Any
 
 import gradio as gr
 
-from engine.core.config import DATASET_FORMATS, DTYPES, EMBEDDED_MODEL, INITS, SCHEDULERS, TRAIN_ON, field_help
+from engine.core.config import (
+    DATASET_FORMATS,
+    DTYPES,
+    EMBEDDED_MODEL,
+    INITS,
+    SCHEDULERS,
+    TEXT_SPLITS,
+    TRAIN_ON,
+    field_help,
+)
 from ui.backend import DATASET_SUFFIXES
 from ui.live_view import attach, cancel_run, poll_run, resume_run, run_choices, select_run
 from ui.plots import loss_figure, lr_figure
@@ -28,7 +37,6 @@ from ui.train_form import (
     check_quant,
     clear_preset,
     dataset_choices,
-    estimate_markdown,
     field_widget,
     launch_run,
     load_machine,
@@ -38,6 +46,7 @@ from ui.train_form import (
     restore_inspection,
     run_inspect,
     targets_markdown,
+    train_estimate,
     upload_dataset,
 )
 
@@ -92,18 +101,20 @@ class TrainTab:
 
 def build_train_tab(store, runner, home: Path, backend, *, doctor: Mapping[str, Any] | None = None) -> TrainTab:
     f: dict[str, Any] = {}
-    w = SimpleNamespace(preset=gr.State("all-linear"), anatomy=gr.State(None), doctor=gr.State(doctor))
+    w = SimpleNamespace(
+        preset=gr.State("all-linear"), anatomy=gr.State(None), doctor=gr.State(doctor), facts=gr.State(None)
+    )
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             model_section(f, w)
             lora_section(f, w, doctor)
-            dataset_section(f, w, home)
+            dataset_section(f, w, home, getattr(backend, "data_dirs", []))
             training_section(f)
         with gr.Column(scale=2):
             launch_column(f, w, store)
     w.cursor, w.series, w.timer = gr.State(0), gr.State({}), gr.Timer(1.5, active=False)
     wire_form(f, w, home, backend)
-    wire_launch(f, w, store, runner)
+    wire_launch(f, w, store, runner, backend)
     return TrainTab(
         form=f,
         preset=w.preset,
@@ -169,20 +180,21 @@ def lora_section(f: dict[str, Any], w, doctor: Mapping[str, Any] | None) -> None
         f["dtype"] = gr.Radio(list(DTYPES), value="auto", label="Compute dtype", info=H["dtype"]["help"])
 
 
-def dataset_section(f: dict[str, Any], w, home: Path) -> None:
+def dataset_section(f: dict[str, Any], w, home: Path, data_dirs=()) -> None:
     H = field_help()
     gr.Markdown("### 3 · Dataset")
     with gr.Row():
         f["dataset"] = gr.Dropdown(
-            dataset_choices(home),
+            dataset_choices(home, data_dirs),
             value="builtin:persona",
             label="Dataset",
             allow_custom_value=True,
             info=H["dataset"]["help"],
             scale=3,
+            elem_id="dataset",
         )
         w.upload = gr.UploadButton(
-            "Upload .jsonl/.json/.csv/.txt", file_types=list(DATASET_SUFFIXES), scale=1, elem_id="dataset-upload"
+            "Upload a data file", file_types=list(DATASET_SUFFIXES), scale=1, elem_id="dataset-upload"
         )
         w.preview_btn = gr.Button("Preview", scale=1, elem_id="preview-btn")
     with gr.Row():
@@ -191,7 +203,16 @@ def dataset_section(f: dict[str, Any], w, home: Path) -> None:
         )
         f["train_on"] = gr.Radio(list(TRAIN_ON), value="responses", label="Loss on", info=H["train_on"]["help"])
         f["max_examples"] = gr.Number(0, precision=0, label="Max examples", info=H["max_examples"]["help"])
-    w.preview_md = gr.Markdown()
+    with gr.Row():
+        f["columns"] = gr.Textbox(
+            "", label="Column mapping", placeholder="prompt=question, response=answer", info=H["columns"]["help"]
+        )
+        f["dataset_split"] = gr.Textbox("", label="Split", placeholder="train", info=H["dataset_split"]["help"])
+        f["dataset_subset"] = gr.Textbox("", label="Subset", info=H["dataset_subset"]["help"])
+        f["text_split"] = gr.Dropdown(
+            list(TEXT_SPLITS), value="auto", label="Plain text split", info=H["text_split"]["help"]
+        )
+    w.preview_md = gr.Markdown(elem_id="preview-md")
     w.rendered = gr.Code(
         label="First example as the model sees it",
         lines=3,
@@ -273,28 +294,31 @@ def wire_form(f: dict[str, Any], w, home: Path, backend) -> None:
     )
     f["quant"].input(check_quant, [f["quant"], w.doctor], [f["quant"]], api_name=False)
     w.upload.upload(partial(upload_dataset, home=home), [w.upload], [f["dataset"]], api_name="upload_dataset")
+    preview_inputs = ["dataset", "dataset_format", "train_on", "max_seq_len", "columns", "dataset_split"]
+    preview_inputs += ["dataset_subset", "text_split", "max_examples", "val_split", "seed"]
     w.preview_btn.click(
         partial(preview_dataset, backend=backend),
-        [f["model_choice"], f["model_text"], f["dataset"], f["dataset_format"], f["train_on"], f["max_seq_len"]],
-        [w.preview_md, w.rendered],
+        [f["model_choice"], f["model_text"], *(f[k] for k in preview_inputs)],
+        [w.preview_md, w.rendered, w.facts],
         api_name="preview",
     )
 
 
-def wire_launch(f: dict[str, Any], w, store, runner) -> None:
-    """The estimate next to Launch (recomputed whenever the form or the anatomy changes), Launch, the live view."""
+def wire_launch(f: dict[str, Any], w, store, runner, backend=None) -> None:
+    """The estimate next to Launch (recomputed whenever the form, the anatomy or the previewed data change),
+    Launch (checked by the engine first), the live view."""
     form_inputs = [f[k] for k in FORM_FIELDS]
     gr.on(
-        [w.anatomy.change, w.preset.change, *(c.change for c in form_inputs)],
-        estimate_markdown,
-        [w.anatomy, w.preset, w.doctor, *form_inputs],
+        [w.anatomy.change, w.preset.change, w.facts.change, *(c.change for c in form_inputs)],
+        train_estimate,
+        [w.anatomy, w.preset, w.doctor, w.facts, *form_inputs],
         [w.estimate_md],
         api_name="estimate",
         show_progress="hidden",
         trigger_mode="always_last",
     )
     w.launch_btn.click(
-        partial(launch_run, runner=runner, store=store),
+        partial(launch_run, runner=runner, store=store, backend=backend),
         [w.anatomy, w.preset, w.doctor, *form_inputs],
         [w.launch_md, w.run_select, w.timer],
         api_name="launch",

@@ -19,11 +19,11 @@ import argparse
 import os
 import sys
 
-from engine.cli import chat, hub, insight, model, queue, train
+from engine.cli import chat, check, hub, insight, model, queue, train
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SUBCOMMANDS = (train, queue, model, chat, insight, hub)  # each has register(subparsers)
+SUBCOMMANDS = (train, queue, model, check, chat, insight, hub)  # each has register(subparsers)
 
 
 def cmd_app(args) -> int:

@@ -27,35 +27,53 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def preview_config(args) -> RunConfig:
+    """The run config a preview is for: the flags, everything else at its default."""
+    return RunConfig.from_dict(
+        {
+            "model": args.model,
+            "dataset": args.dataset,
+            "dataset_format": args.dataset_format,
+            "columns": args.columns or "",
+            "dataset_split": args.split,
+            "dataset_subset": args.subset,
+            "text_split": args.text_split,
+            "train_on": args.train_on,
+            "max_examples": args.max_examples,
+            "train": {"max_seq_len": args.max_seq_len, "val_split": args.val_split, "seed": args.seed},
+        }
+    )
+
+
 def cmd_preview(args) -> int:
-    """Dataset preview: format, counts, token lengths and the rendered chat template of one example."""
+    """Dataset preview: format, counts (rows, dropped by reason, tokens kept and cut), token lengths and the
+    first example as the model sees it."""
+    from engine.core.data_fields import truncation_warning
     from engine.ml.data import preview
     from engine.ml.model import load_tokenizer, resolve_model
 
     try:
-        cfg = RunConfig.from_dict(
-            {
-                "model": args.model,
-                "dataset": args.dataset,
-                "dataset_format": args.dataset_format,
-                "train_on": args.train_on,
-                "train": {"max_seq_len": args.max_seq_len},
-            }
-        )
+        cfg = preview_config(args)
         tok = load_tokenizer(resolve_model(cfg.model, home_of(args)))
-        info = preview(cfg, tok)
+        info = preview(cfg, tok, home_of(args) / "cache" / "datasets", facts=args.facts)
     except (ConfigError, ValueError, OSError) as e:  # DatasetError and ModelError are among these
         if args.json:
             print(json.dumps({"error": str(e)}))
             return 2
         return fail(str(e))
+    info["warning"] = truncation_warning(info, cfg.train.max_seq_len)
     if args.json:
         print_json(info)
-    else:
-        for k, v in info.items():
-            if k != "rendered_example":
-                print(f"{k:>20}: {v}")
-        print("\n--- first example as the model sees it ---\n" + info["rendered_example"])
+        return 0
+    for k, v in info.items():
+        if k not in ("rendered_example", "trained_example", "facts", "warning", "notes"):
+            print(f"{k:>20}: {v}")
+    for note in info["notes"]:
+        print(f"{'note':>20}: {note}")
+    if info["warning"]:
+        print(f"\nwarning: {info['warning']}")
+    print("\n--- first example as the model sees it ---\n" + info["rendered_example"])
+    print("\n--- what the loss is taken on ---\n" + info["trained_example"])
     return 0
 
 
@@ -94,25 +112,47 @@ def cmd_estimate(args) -> int:
     try:
         cfg = RunConfig.from_file(args.config)
         anatomy = inspect_model(cfg.model, home_of(args), trust_remote_code=cfg.trust_remote_code)
-        est = E.estimate(anatomy, cfg, device=args.device)
+        facts = None if args.worst_case else data_facts(cfg, home_of(args))
+        est = E.estimate(anatomy, cfg, device=args.device, data=facts)
     except ConfigError as e:
         return fail(str(e))
+    except ValueError as e:  # DatasetError: the data could not be read
+        return fail(f"{e} (or estimate without the data: --worst-case)")
+    worst = E.estimate(anatomy, cfg, device=args.device) if facts is not None else est
     fits = E.fits(est)
-    tips = E.suggestions(anatomy, cfg, est, args.budget_gb) if args.budget_gb else []
+    tips = E.suggestions(anatomy, cfg, est, args.budget_gb, data=facts) if args.budget_gb else []
     if args.json:
-        print_json({**est.to_dict(), "fits": [{"gpu_gb": g, "fits": ok} for g, ok in fits], "suggestions": tips})
+        print_json(
+            {
+                **est.to_dict(),
+                "worst_case_gb": round(worst.total_gb, 4),
+                "fits": [{"gpu_gb": g, "fits": ok} for g, ok in fits],
+                "suggestions": tips,
+            }
+        )
         return 0
     print(
         f"{cfg.model}: {est.trainable_params:,} trainable of {est.total_params:,} parameters "
         f"({est.trainable_pct:.3f}%), {est.n_modules} LoRA modules, adapter file ≈ {est.adapter_file_bytes / 2**20:.1f} MiB"
     )
-    print(f"memory on {args.device} ({est.compute_dtype}, quant {est.quant}):")
+    print(f"memory on {args.device} ({est.compute_dtype}, quant {est.quant}), basis: {est.basis}: {est.batch_note}")
+    if est is not worst:
+        print(f"  (worst case, every micro-batch {worst.batch_note}: {worst.total_gb:.2f} GB)")
     for label, n, note in est.table_rows():
         print(f"  {label:<40} {E.gb(n):8.3f} GB   {note}")
     print("  fits on: " + ", ".join(f"{g:g} GB {'yes' if ok else 'no'}" for g, ok in fits))
     for line in tips:
         print(f"  suggestion: {line}")
     return 0
+
+
+def data_facts(cfg: RunConfig, home):
+    """The training split's token counts of cfg's dataset (tokenized once, cached like a run's)."""
+    from engine.ml.data import prepare
+    from engine.ml.model import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(cfg.model, home), cfg.trust_remote_code)
+    return prepare(cfg, tok, home / "cache" / "datasets").facts(cfg)
 
 
 def register(sub) -> None:
@@ -126,8 +166,16 @@ def register(sub) -> None:
     pv.add_argument("--model", default=EMBEDDED_MODEL, help="whose tokenizer and chat template to use")
     pv.add_argument("--dataset", default="builtin:persona")
     pv.add_argument("--dataset-format", default="auto")
+    pv.add_argument("--columns", help="column mapping, e.g. 'prompt=question,response=answer'")
+    pv.add_argument("--split", default="", help="split of a hub dataset or folder (default: train)")
+    pv.add_argument("--subset", default="", help="subset (configuration) of a hub dataset")
+    pv.add_argument("--text-split", default="auto", help="plain text: auto, paragraph, line or file")
     pv.add_argument("--train-on", default="responses")
     pv.add_argument("--max-seq-len", type=int, default=512)
+    pv.add_argument("--max-examples", type=int, default=0)
+    pv.add_argument("--val-split", type=float, default=0.1, help="as the run's train.val_split")
+    pv.add_argument("--seed", type=int, default=42, help="as the run's train.seed (the split depends on it)")
+    pv.add_argument("--facts", action="store_true", help="add the training split's token counts (for estimates)")
     pv.add_argument("--json", action="store_true")
     pv.set_defaults(fn=cmd_preview)
 
@@ -139,5 +187,8 @@ def register(sub) -> None:
     e.add_argument("config", help="YAML or JSON run config")
     e.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="estimate for this device")
     e.add_argument("--budget-gb", type=float, help="suggest changes that fit this much memory")
+    e.add_argument(
+        "--worst-case", action="store_true", help="do not read the dataset: every micro-batch batch_size × max_seq_len"
+    )
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_estimate)

@@ -18,11 +18,25 @@ def runner_of(args, **kw) -> JobRunner:
 
 
 def cmd_submit(args) -> int:
+    """Check the run (engine check: model, targets, dataset; every problem at once), then queue it."""
     runner = runner_of(args)
     try:
         cfg = RunConfig.from_file(args.config)
-        run_id = runner.submit(cfg, name=args.name)
-    except (ConfigError, DiskSpaceError) as e:
+        est = {}
+        if not args.no_check:
+            from engine.cli.check import run_check
+
+            report = run_check(cfg, args)
+            if not report["ok"]:
+                raise ConfigError(report["problems"])
+            est = report.get("estimate") or {}
+        run_id = runner.submit(
+            cfg, name=args.name, est_mem_gb=est.get("total_gb"), trainable_params=est.get("trainable_params")
+        )
+    except ConfigError as e:
+        n = len(e.problems)
+        return fail(f"not queued: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {p}" for p in e.problems))
+    except DiskSpaceError as e:
         return fail(str(e))
     pos = runner.store.queue_position(run_id)
     say(
@@ -158,6 +172,7 @@ def register(sub) -> None:
     s = sub.add_parser("submit", help="add a run to the queue; prints its id (the app or a worker runs it)")
     s.add_argument("config", help="YAML or JSON run config")
     s.add_argument("--name", help="a label for the run")
+    s.add_argument("--no-check", action="store_true", help="queue without checking model and dataset first")
     s.set_defaults(fn=cmd_submit)
 
     w = sub.add_parser("worker", help="process the queue headless until Ctrl-C or SIGTERM")

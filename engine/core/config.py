@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from engine.core.data_fields import DATASET_COLUMNS, TEXT_SPLITS, parse_columns, validate_data
+
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 BUILTIN_DATASETS = {
     "builtin:persona": "Captain Byte, a cheerful pirate who answers correctly (172 chats, written for this project)",
@@ -221,13 +223,45 @@ class RunConfig:
     )
     dataset: str = field(
         default="builtin:persona",
-        metadata=_help("Training data: builtin:persona, builtin:chatterbot, or a .jsonl/.json/.csv/.txt file."),
+        metadata=_help(
+            "Training data: builtin:persona, builtin:chatterbot, a .jsonl/.json/.csv/.parquet/.arrow/.txt file, "
+            "a folder of such files, or a Hugging Face dataset as hf:org/name."
+        ),
     )
     dataset_format: str = field(
         default="auto",
         metadata=_help(
-            "Row format; auto detects alpaca, messages, sharegpt, prompt_completion or text from the keys.",
+            "Row format; auto detects messages (OpenAI chat, tool calls), sharegpt, alpaca, prompt_completion or "
+            "text from the columns.",
             choices=DATASET_FORMATS,
+        ),
+    )
+    columns: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata=_help(
+            "Column mapping for data whose fields have other names: the format's name = the file's name, e.g. "
+            "'prompt=question, response=answer' (YAML: columns: {prompt: question, response: answer}). "
+            f"Names a format reads: {', '.join(DATASET_COLUMNS)}."
+        ),
+    )
+    dataset_split: str = field(
+        default="",
+        metadata=_help(
+            "Split of a hub dataset or a folder with train/test files ('' = train, or the only split); "
+            "for a hub dataset slices such as 'train[:1000]' work too."
+        ),
+    )
+    dataset_subset: str = field(
+        default="",
+        metadata=_help("Subset (configuration) of a hub dataset, e.g. 'main' for openai/gsm8k ('' = its default)."),
+    )
+    text_split: str = field(
+        default="auto",
+        metadata=_help(
+            "Plain text (.txt) is cut into documents, joined with EOS and cut into max_seq_len blocks, so every "
+            "token is trained on: paragraph (blank lines), line, or file (one document per file); auto = "
+            "paragraph when the file has blank lines, else line.",
+            choices=TEXT_SPLITS,
         ),
     )
     train_on: str = field(
@@ -266,6 +300,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["lora"]["targets"] = list(d["lora"]["targets"])
         d["lora"]["layers"] = list(d["lora"]["layers"])
+        d["columns"] = dict(self.columns)
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -344,8 +379,10 @@ def validate(cfg: RunConfig) -> list[str]:
         p.need(
             cfg.dataset in BUILTIN_DATASETS, "dataset", cfg.dataset, f"built-in sets are {', '.join(BUILTIN_DATASETS)}"
         )
+    p.extend(validate_data(cfg))
     for name, value, choices in (
         ("dataset_format", cfg.dataset_format, DATASET_FORMATS),
+        ("text_split", cfg.text_split, TEXT_SPLITS),
         ("train_on", cfg.train_on, TRAIN_ON),
         ("quant", cfg.quant, QUANT_MODES),
         ("dtype", cfg.dtype, DTYPES),
@@ -503,6 +540,8 @@ def _coerce(v: Any, kind: str, name: str) -> Any:
         return v
     if kind == "tuple[int, ...]":
         return parse_layers(v)
+    if kind == "tuple[tuple[str, str], ...]":
+        return parse_columns(v)
     if kind == "tuple[str, ...]":
         if isinstance(v, str):
             v = [s for s in re.split(r"[,\s]+", v) if s]

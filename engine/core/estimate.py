@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from engine.core.anatomy import resolve_dtype, resolve_targets
-from engine.core.config import ConfigError, RunConfig
+from engine.core.batching import DataFacts, packing_check_shape, run_batch_shapes
+from engine.core.config import ConfigError, RunConfig, TrainSpec
 from engine.core.memory import (
     ADAM_STATES,
     ADAPTER_KEY_PREFIX,
@@ -99,9 +101,11 @@ class Estimate:
     allocator_bytes: int  # CPU: freed heap memory glibc keeps resident (see CPU_HEAP_KEPT_FRACTION); 0 on CUDA
     mapped_file_bytes: int  # CPU + quantization: the checkpoint's linear layers left mapped and resident
     overhead_bytes: int  # CUDA context or CPU runtime (outside the trainer's measured peak)
-    n_targets: int  # N: positions the logits are computed for (worst case unless target_frac)
+    n_targets: int  # N: positions the logits are computed for (worst case unless target_frac or data)
     activation_terms: tuple[tuple[str, int], ...]  # activation_bytes split by what keeps it
     assumptions: tuple[str, ...]
+    basis: str = "worst case"  # 'dataset': sized on the largest micro-batch of the data; 'worst case': B × T
+    batch_note: str = ""  # the micro-batch the estimate is for, in words
 
     @property
     def weights_bytes(self) -> int:
@@ -272,15 +276,63 @@ def estimate(
     *,
     bf16_capable: bool = True,
     target_frac: float | None = None,
+    data: DataFacts | None = None,
 ) -> Estimate:
     """Parameters and training memory of `cfg` on `anatomy` (engine.ml.model.inspect_model's dict).
 
-    target_frac: the fraction of token positions that carry a loss target (e.g. the response share of a
-    chat dataset with train_on = responses, from the dataset preview). Default: every position, the
-    worst case; ignored with train_on = all.
+    data: the prepared dataset's token counts (engine `preview --facts`, `check`): the estimate is then
+    that of the largest micro-batch the run will build (engine.core.batching, the trainer's own batching),
+    basis 'dataset'. Without it every micro-batch is batch_size full rows of max_seq_len, basis 'worst case'.
+    target_frac: without data, the fraction of token positions that carry a loss target (e.g. the response
+    share of a chat dataset with train_on = responses). Default: every position; ignored with train_on = all.
     """
     if target_frac is not None and not 0 < target_frac <= 1:
         raise ValueError(f"target_frac = {target_frac!r}: must be in (0, 1]")
+    tr = cfg.train
+    if data is not None:
+        shapes, scanned = _batch_shapes(data, tr)
+        k, longest, check_targets = packing_check_shape(data, PACKING_CHECK_EXAMPLES)
+        candidates = [
+            _estimate_at(
+                anatomy,
+                cfg,
+                device,
+                bf16_capable,
+                Shape.of(anatomy, b.rows, b.length, masked=b.masked),
+                b.targets,
+                (k, longest, check_targets),
+                "dataset",
+                f"the largest micro-batch of the data: {b.rows} row{'s' if b.rows != 1 else ''} × {b.length} "
+                f"tokens ({b.tokens:,} tokens, {b.targets:,} targets; of {scanned:,} micro-batches)",
+            )
+            for b in shapes
+        ]
+        return max(candidates, key=lambda e: e.allocated_bytes)
+    shape = Shape.of(anatomy, tr.batch_size, tr.max_seq_len)
+    frac = 1.0 if cfg.train_on == "all" or target_frac is None else target_frac
+    n_targets = max(1, math.ceil(frac * shape.B * (shape.T - 1)))
+    check = (PACKING_CHECK_EXAMPLES, shape.T, max(1, math.ceil(frac * PACKING_CHECK_EXAMPLES * (shape.T - 1))))
+    note = f"{shape.B} full rows of max_seq_len = {shape.T}"
+    return _estimate_at(anatomy, cfg, device, bf16_capable, shape, n_targets, check, "worst case", note)
+
+
+@lru_cache(maxsize=64)
+def _batch_shapes(data: DataFacts, tr: TrainSpec):
+    return run_batch_shapes(data, tr)
+
+
+def _estimate_at(
+    anatomy: Mapping[str, Any],
+    cfg: RunConfig,
+    device: str,
+    bf16_capable: bool,
+    shape: Shape,
+    n_targets: int,
+    check: tuple[int, int, int],
+    basis: str,
+    note: str,
+) -> Estimate:
+    """The estimate for micro-batches of this shape (rows × length, n_targets loss positions)."""
     lo, tr = cfg.lora, cfg.train
     chosen = resolve_targets(lo, anatomy["modules"], str(anatomy.get("model") or "the model"))
     dtype = resolve_dtype(cfg.dtype, device, bf16_capable)
@@ -299,11 +351,8 @@ def estimate(
     optimizer_bytes = ADAM_STATES * params["trainable_params"] * FP32
 
     # activations, logits, workspace
-    shape = Shape.of(anatomy, tr.batch_size, tr.max_seq_len)
     terms, recompute = activations(anatomy, chosen, cfg, shape, device, a, autocast)
     activation_bytes = sum(v for _, v in terms)
-    frac = 1.0 if cfg.train_on == "all" or target_frac is None else target_frac
-    n_targets = max(1, math.ceil(frac * shape.B * (shape.T - 1)))
     logits_bytes = logits(shape, a, n_targets, tr.packing)
     work = workspace(anatomy, chosen, cfg, shape, a, c)
     # The step's peak above weights + LoRA (see Estimate.allocated_bytes): kept activations and AdamW
@@ -330,14 +379,16 @@ def estimate(
         recompute_bytes=recompute,
         logits_bytes=logits_bytes,
         workspace_bytes=work,
-        startup_bytes=max(0, packing_check(shape, a, frac) - step) if tr.packing else 0,
+        startup_bytes=max(0, packing_check(shape, a, *check) - step) if tr.packing else 0,
         framework_bytes=CPU_FRAMEWORK_BYTES if device == "cpu" else 0,
         allocator_bytes=allocator,
         mapped_file_bytes=linear_params * FP32 if aliased else 0,
         overhead_bytes=CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES,
         n_targets=n_targets,
         activation_terms=tuple(terms),
-        assumptions=_assumptions(cfg, shape, n_targets, device, dtype, autocast),
+        assumptions=_assumptions(cfg, shape, n_targets, device, dtype, autocast, note),
+        basis=basis,
+        batch_note=note,
     )
 
 
@@ -380,16 +431,16 @@ def _parameters(anatomy: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]],
 
 
 def _assumptions(
-    cfg: RunConfig, shape: Shape, n_targets: int, device: str, dtype: str, autocast: bool
+    cfg: RunConfig, shape: Shape, n_targets: int, device: str, dtype: str, autocast: bool, note: str
 ) -> tuple[str, ...]:
     tr, quantized = cfg.train, cfg.quant != "none"
     layout = (
-        f"packed rows of max_seq_len = {shape.T}, output head on {n_targets:,} target positions"
+        f"packed rows, output head on {n_targets:,} target positions"
         if tr.packing
-        else f"batches padded to max_seq_len = {shape.T}"
+        else "rows padded to the longest, logits on every position"
     )
     return (
-        f"{shape.B} full {layout}" + (" (attention mask kept)" if shape.padded else ""),
+        f"{note}; {layout}" + (" (attention mask kept)" if shape.padded else ""),
         "SDPA memory-efficient/flash attention: O(seq) memory, no seq×seq scores kept",
         "AdamW with fp32 states; gradients fp32",
         f"compute dtype {dtype}"
@@ -421,11 +472,14 @@ def fits(
     return [(g, est.total_bytes <= g * GIB * usable) for g in gpus]
 
 
-def suggestions(anatomy: Mapping[str, Any], cfg: RunConfig, est: Estimate, budget_gb: float) -> list[str]:
+def suggestions(
+    anatomy: Mapping[str, Any], cfg: RunConfig, est: Estimate, budget_gb: float, data: DataFacts | None = None
+) -> list[str]:
     """Changes that lower memory, each re-estimated, biggest saving first; [] when it already fits.
 
     Each line gives the new total and the saving; '(fits)' marks those that alone reach the budget.
-    A last line combines the biggest savers until the budget is met.
+    A last line combines the biggest savers until the budget is met. With `data` the re-estimates use the
+    dataset's lengths too (a shorter max_seq_len clips them: DataFacts.clipped).
     """
     if est.total_bytes <= budget_gb * GIB:
         return []
@@ -461,7 +515,7 @@ def suggestions(anatomy: Mapping[str, Any], cfg: RunConfig, est: Estimate, budge
             new_cfg = cfg.replace(**change)
         except ConfigError:
             continue  # a change this config cannot take (e.g. PiSSA with quantization)
-        new = estimate(anatomy, new_cfg, est.device, bf16_capable=bf16)
+        new = _re_estimate(anatomy, new_cfg, est.device, bf16, data)
         saved = est.total_bytes - new.total_bytes
         if saved > 0.005 * GIB:
             scored.append((saved, label, change, new))
@@ -479,7 +533,7 @@ def suggestions(anatomy: Mapping[str, Any], cfg: RunConfig, est: Estimate, budge
             trial = combo_cfg.replace(**change)
         except ConfigError:
             continue
-        combo_cfg, combo = trial, estimate(anatomy, trial, est.device, bf16_capable=bf16)
+        combo_cfg, combo = trial, _re_estimate(anatomy, trial, est.device, bf16, data)
         used.append(label)
         if combo.total_bytes <= budget_gb * GIB:
             break
@@ -487,3 +541,7 @@ def suggestions(anatomy: Mapping[str, Any], cfg: RunConfig, est: Estimate, budge
         verdict = "fits" if combo.total_bytes <= budget_gb * GIB else f"still over {budget_gb:g} GB"
         lines.append(f"together ({' + '.join(used)}): {combo.total_gb:.1f} GB ({verdict})")
     return lines
+
+
+def _re_estimate(anatomy, cfg: RunConfig, device: str, bf16: bool, data: DataFacts | None) -> Estimate:
+    return estimate(anatomy, cfg, device, bf16_capable=bf16, data=data.clipped(cfg.train.max_seq_len) if data else None)

@@ -177,10 +177,12 @@ class Shape:
     V: int
     heads: int
     kv_heads: int
-    padded: bool  # a padding mask exists (batch_size > 1)
+    padded: bool  # an attention mask exists (worst case: batch_size > 1)
 
     @classmethod
-    def of(cls, anatomy: Mapping[str, Any], batch_size: int, seq_len: int) -> Shape:
+    def of(cls, anatomy: Mapping[str, Any], batch_size: int, seq_len: int, *, masked: bool | None = None) -> Shape:
+        """batch_size rows of seq_len; masked: whether transformers builds an attention mask (default: with
+        more than one row, the worst case; engine.core.batching.batch_shape knows it for real micro-batches)."""
         H = int(anatomy["hidden_size"])
         heads = int(anatomy.get("num_attention_heads") or 1)
         return cls(
@@ -191,7 +193,7 @@ class Shape:
             V=int(anatomy["vocab_size"]),
             heads=heads,
             kv_heads=int(anatomy.get("num_key_value_heads") or heads),
-            padded=batch_size > 1,
+            padded=batch_size > 1 if masked is None else masked,
         )
 
 
@@ -398,18 +400,17 @@ def logits(s: Shape, a: int, n_targets: int, packed: bool) -> int:
     return max(3 * FP32 * n_targets * s.V, (2 * s.B * s.T + n_targets) * s.V * a)
 
 
-def packing_check(s: Shape, a: int, frac: float) -> int:
-    """Transient peak of engine/ml/train.py packing_agrees: no gradients, up to 4 examples of T tokens.
+def packing_check(s: Shape, a: int, C: int, T: int, n: int) -> int:
+    """Transient peak of engine/ml/train.py packing_agrees: no gradients, C (≤ 4) examples, the longest of T
+    tokens, n targets in all.
 
     Its padded reference computes (C, T, V) logits and gathers the targets' rows from them ((C·T + N)·V
     in the activation dtype), then the loss holds the gathered logits, their fp32 upcast and the fp32
     log-probs (N·V·(a + 4 + 4), the upcast being a no-op in fp32); the last hidden states (C, T, H)
     are alive too. Only its excess over the training step counts.
     """
-    C = PACKING_CHECK_EXAMPLES
-    n = max(1, math.ceil(frac * C * (s.T - 1)))
     upcast = FP32 if a != FP32 else 0
-    return s.V * max((C * s.T + n) * a, n * (a + upcast + FP32)) + 2 * C * s.T * s.H * a
+    return s.V * max((C * T + n) * a, n * (a + upcast + FP32)) + 2 * C * T * s.H * a
 
 
 def workspace(

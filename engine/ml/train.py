@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from engine.core import runs as R
+from engine.core.batching import DataFacts
+from engine.core.batching import total_steps as run_steps
 from engine.core.config import RunConfig
 from engine.core.events import MetricsSink, NullSink
 from engine.core.home import data_home
@@ -157,12 +159,12 @@ def train(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and cfg.quant == "none")
 
     # 3) data -----------------------------------------------------------------------------------
-    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "tokenized")
+    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "datasets")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     tr = cfg.train
     micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
     steps_per_epoch = max(1, micro_per_epoch // tr.grad_accum)
-    total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * micro_per_epoch / tr.grad_accum))
+    total_steps = run_steps(len(prep.train), tr)
 
     # 4) optimizer + schedule ----------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,7 +195,7 @@ def train(
         state = load_checkpoint(Path(resume_from), model, opt, sched)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val, elapsed_before = state.get("best_val_loss"), state.get("elapsed_s", 0.0)
-    est = estimate_memory(cfg, home, device)
+    est = estimate_memory(cfg, home, device, prep.facts(cfg))
     sink.set_summary(
         total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device), est_mem_gb=est
     )
@@ -294,9 +296,7 @@ def train(
     ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=R.KEEP_CHECKPOINTS)
     adapter_dir = save_adapter(model, tok, out_dir, cfg)
     extra = {
-        "format": prep.format,
-        "rows": prep.n_rows,
-        "dropped": prep.n_dropped,
+        **prep.stats(),
         "train_examples": len(prep.train),
         "val_examples": len(prep.val),
         "data_fingerprint": prep.fingerprint,
@@ -420,8 +420,9 @@ def log_spectra(sink: MetricsSink, step: int, model, reference) -> None:
     sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
 
 
-def estimate_memory(cfg: RunConfig, home: Path, device: torch.device) -> float | None:
-    """The calculator's estimate for this run (GiB), stored beside the measured peak.
+def estimate_memory(cfg: RunConfig, home: Path, device: torch.device, facts: DataFacts | None = None) -> float | None:
+    """The calculator's estimate for this run (GiB), stored beside the measured peak; with `facts` (the
+    prepared training split's token counts) sized on the micro-batches this run really builds.
 
     On CPU the measured figure is the growth of peak RSS over the process baseline, so the estimate's
     fixed runtime overhead (already in the baseline) is left out; on GPU it is max_memory_allocated,
@@ -430,7 +431,7 @@ def estimate_memory(cfg: RunConfig, home: Path, device: torch.device) -> float |
     from engine.core import estimate as E
 
     anatomy = M.inspect_model(cfg.model, home, trust_remote_code=cfg.trust_remote_code)
-    est = E.estimate(anatomy, cfg, device=device.type, bf16_capable=M.bf16_capable(device))
+    est = E.estimate(anatomy, cfg, device=device.type, bf16_capable=M.bf16_capable(device), data=facts)
     return E.gb(est.allocated_bytes)
 
 
