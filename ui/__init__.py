@@ -26,6 +26,7 @@ import gradio as gr
 
 from ui.backend import Backend
 from ui.history_tab import build_history_tab
+from ui.run_lists import wire_run_lists
 from ui.train_form import FORM_FIELDS, prefill_form
 from ui.train_tab import build_train_tab
 
@@ -72,6 +73,8 @@ def build_app(
         train.wire_load(demo, store, backend, doctor_known=doctor is not None)
         history_tab.select(*history.refresh, api_name=False, show_progress="hidden")
         demo.load(*history.refresh, api_name=False, show_progress="hidden")
+        lists = [getattr(built.get(k), "refresh", None) for k in ("chat", "spectra")]
+        wire_run_lists(demo, store, [r for r in lists if r], on_change=[history.refresh])
         history.relaunch_btn.click(
             partial(prefill_form, store=store),
             [history.run_pick, train.anatomy],

@@ -367,6 +367,12 @@ class SpectraTab:
     sources: Any
     run_pick: Any
     sigma_plot: Any
+    refresh: Any = None  # (fn, inputs, outputs): the run picker's choices, on page load and when runs change
+
+
+def refresh_runs(*, store):
+    """The run picker's choices now (its ticks stay)."""
+    return gr.update(choices=run_choices(store))
 
 
 def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
@@ -396,7 +402,8 @@ def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
     w.ckpt_plot = gr.Plot(steps_figure({}, module="module"))
     phi_section(w)
     wire_spectra(w, store, backend)
-    return SpectraTab(sources=w.sources, run_pick=w.run_pick, sigma_plot=w.sigma_plot)
+    refresh = (partial(refresh_runs, store=store), None, [w.run_pick])
+    return SpectraTab(sources=w.sources, run_pick=w.run_pick, sigma_plot=w.sigma_plot, refresh=refresh)
 
 
 def sources_section(w, store) -> None:
@@ -441,7 +448,7 @@ def phi_section(w) -> None:
 
 def wire_spectra(w, store, backend) -> None:
     loaded = [w.sources, w.summary, w.kinds, w.heat_source, w.ckpt_run, w.ckpt_module, w.phi_a, w.phi_b, w.phi_module]
-    w.refresh_btn.click(lambda: gr.update(choices=run_choices(store)), None, [w.run_pick], api_name=False)
+    w.refresh_btn.click(partial(refresh_runs, store=store), None, [w.run_pick], api_name=False)
     w.run_pick.change(partial(load_runs, store=store), [w.run_pick, w.sources], loaded, api_name="spectra_runs")
     w.add_btn.click(partial(add_folder, backend=backend), [w.folder, w.sources], loaded, api_name="spectra_folder")
     w.clear_btn.click(clear_folders, [w.sources], loaded, api_name=False)
