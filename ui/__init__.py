@@ -34,6 +34,13 @@ OPTIONAL_TABS = {"chat": "Chat", "calculator": "Calculator", "spectra": "Spectra
 CSS = """
 #run-status { font-size: 1.05em; }
 #estimate { background: var(--block-background-fill); padding: 6px 10px; border-radius: 6px; }
+.ll-progress { position: relative; height: 22px; border-radius: 6px; background: var(--block-background-fill);
+  border: 1px solid var(--border-color-primary); overflow: hidden; }
+.ll-bar { height: 100%; background: #4f8ff7; transition: width 0.8s; }
+.ll-bar.ll-succeeded { background: #2ca02c; } .ll-bar.ll-failed { background: #d62728; }
+.ll-bar.ll-cancelled { background: #999; }
+.ll-progress span { position: absolute; inset: 0; text-align: center; line-height: 22px; font-size: 0.9em; }
+.ll-preset-active { outline: 2px solid var(--color-accent); font-weight: 600; }
 """
 
 
@@ -59,6 +66,8 @@ def build_app(
     """The whole app. `doctor` (the `python -m engine doctor --json` dict) skips asking the engine at page load."""
     home = Path(home)
     backend = backend or Backend(home)
+    if doctor is not None:
+        backend.remember_doctor(doctor)
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown("## LoRA Lab · fine-tune a causal LM with LoRA, watch it learn, compare runs")
         with gr.Tabs(selected="train") as tabs:
@@ -73,8 +82,11 @@ def build_app(
         train.wire_load(demo, store, backend, doctor_known=doctor is not None)
         history_tab.select(*history.refresh, api_name=False, show_progress="hidden")
         demo.load(*history.refresh, api_name=False, show_progress="hidden")
-        lists = [getattr(built.get(k), "refresh", None) for k in ("chat", "spectra")]
+        lists = [getattr(built.get(k), "refresh", None) for k in ("chat", "spectra", "calculator")]
         wire_run_lists(demo, store, [r for r in lists if r], on_change=[history.refresh])
+        for tab in built.values():
+            if getattr(tab, "on_load", None):
+                demo.load(*tab.on_load, api_name=False, show_progress="hidden")
         history.relaunch_btn.click(
             partial(prefill_form, store=store),
             [history.run_pick, train.anatomy],

@@ -17,3 +17,12 @@ def refuse(message: str) -> gr.Error:
     text = str(message)
     print(f"loralab ui: refused: {' '.join(text.split())[:500]}", file=sys.stderr, flush=True)
     return gr.Error(text, print_exception=False)
+
+
+def warn(message: str) -> str:
+    """A refusal as a toast, returned as text for a Markdown output: no exception, so the event's other
+    outputs keep what they show and stay usable (an exception turns every output into an "Error" overlay)."""
+    text = str(message)
+    print(f"loralab ui: refused: {' '.join(text.split())[:500]}", file=sys.stderr, flush=True)
+    gr.Warning(text)
+    return f"⚠ {text}"
