@@ -45,11 +45,20 @@ CSS = """
 
 
 def launch_kwargs(home: str | Path) -> dict[str, Any]:
-    """What launch() needs beside host and port: theme and css (Gradio 6 takes them here), and the
-    exports folder as the only extra place files may be served from (the adapter zips)."""
+    """What launch() needs beside host and port: theme and css (Gradio 6 takes them here), the exports
+    folder as the only extra place files may be served from (the adapter zips), and no FastAPI schema.
+
+    FastAPI serves its own /openapi.json without Gradio's login check; it is turned off (Gradio's
+    /gradio_api/openapi.json and /gradio_api/info do check the login). POST /gradio_api/reset also answers
+    without a login: in Gradio 6 it is a no-op that returns {"success": true} and touches nothing."""
     exports = Path(home) / "exports"
     exports.mkdir(parents=True, exist_ok=True)
-    return {"theme": gr.themes.Soft(), "css": CSS, "allowed_paths": [str(exports)]}
+    return {
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+        "allowed_paths": [str(exports)],
+        "app_kwargs": {"openapi_url": None},
+    }
 
 
 def _optional_tab(name: str, store, runner, home: Path, backend) -> Any:
