@@ -505,9 +505,17 @@ def _coerce(v: Any, kind: str, name: str) -> Any:
     if kind == "int":
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise TypeError("must be an integer")
+        if isinstance(v, str):  # "8" or "8.0" from a form; never "8.5" silently cut to 8
+            try:
+                return int(v.strip())
+            except ValueError:
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise TypeError("must be an integer") from None
         if isinstance(v, float) and not v.is_integer():
             raise TypeError("must be a whole number")
-        return int(float(v)) if isinstance(v, str) else int(v)
+        return int(v)
     if kind == "float":
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise TypeError("must be a number")

@@ -2,7 +2,7 @@
 
     python -m engine train examples/quickstart.yaml          # the CLI wraps this function
 
-Phases: 1) seed, threads, device  2) model + LoRA  3) data  4) optimizer + schedule  5) resume
+Phases: 1) seed, threads, device  2) tokenizer + data  3) model + LoRA  4) optimizer + schedule  5) resume
         6) loop: accumulate → clip → step → log → eval → checkpoint  7) adapter, spectra, summary
 
 The loop knows nothing of SQLite, Gradio or subprocesses: it reports through a MetricsSink and stops
@@ -139,9 +139,17 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     rss_base = rss_gb()  # CPU memory is reported as growth of peak RSS over this baseline
 
-    # 2) model + LoRA -------------------------------------------------------------------------
+    # 2) tokenizer and data, before any weights: a bad model path or data file fails at once --------
     ref = M.resolve_model(cfg.model, home)
     tok = M.load_tokenizer(ref, cfg.trust_remote_code)
+    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "tokenized")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tr = cfg.train
+    micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // tr.grad_accum)
+    total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * micro_per_epoch / tr.grad_accum))
+
+    # 3) model + LoRA -------------------------------------------------------------------------
     base = M.load_base_model(ref, cfg, device)
     modules = M.describe(base)
     model = M.attach_lora(base, cfg, modules, model_name=cfg.model)
@@ -157,14 +165,6 @@ def train(
         model.save_pretrained(out_dir / "init_adapter")
         model.peft_config["default"].init_lora_weights = cfg.lora.init
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and cfg.quant == "none")
-
-    # 3) data -----------------------------------------------------------------------------------
-    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "tokenized")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    tr = cfg.train
-    micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // tr.grad_accum)
-    total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * micro_per_epoch / tr.grad_accum))
 
     # 4) optimizer + schedule ----------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
