@@ -23,20 +23,40 @@ from storage import RunStatus, Store
 from tests.test_jobs import REPO_ROOT, _dead_pid, _stale_running, wait_for
 
 SHIM = '''#!{python}
-"""`python -m engine ...` with a stand-in trainer: FAKE_TRAIN=sleep trains "forever", exit3 dies with code 3."""
-import os, runpy, sys, time, types
+"""`python -m engine ...` with a stand-in trainer. FAKE_TRAIN=sleep trains "forever", exit3 dies with code 3,
+steps logs FAKE_STEPS steps FAKE_STEP_S apart, then saves an adapter folder and a spectrum like a real run."""
+import os, pathlib, runpy, sys, time, types
 
 sys.path.insert(0, os.getcwd())
 fake = types.ModuleType("engine.ml.train")
 
 
+def steps(out_dir, sink, should_stop):
+    total, dt = int(os.environ.get("FAKE_STEPS", "40")), float(os.environ.get("FAKE_STEP_S", "0.25"))
+    sink.log(0, {{"total_steps": total}})
+    for step in range(1, total + 1):
+        if should_stop():
+            return step - 1, "cancelled"
+        time.sleep(dt)
+        sink.log(step, {{"train/loss": 2.0 / step, "lr": 1e-3, "total_steps": total, "eta_s": (total - step) * dt}})
+    adapter = pathlib.Path(out_dir) / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{{}}")
+    sink.log_spectra(total, {{"model.layers.0.self_attn.q_proj": [1.0, 0.5]}})
+    sink.set_summary(steps_done=total, total_steps=total, adapter_dir=str(adapter), final_loss=2.0 / total)
+    return total, "succeeded"
+
+
 def train(cfg, out_dir, sink, should_stop, *, resume_from=None, home=None):
-    sink.log(1, {{"train/loss": 1.0}})
-    if os.environ.get("FAKE_TRAIN") == "exit3":
+    mode = os.environ.get("FAKE_TRAIN")
+    done, status = steps(out_dir, sink, should_stop) if mode == "steps" else (1, "cancelled")
+    if mode != "steps":
+        sink.log(1, {{"train/loss": 1.0}})
+    if mode == "exit3":
         os._exit(3)  # no handler runs, nothing recorded: only the parent's watcher knows the code
-    while not should_stop():
+    while mode != "steps" and not should_stop():
         time.sleep(0.1)
-    return types.SimpleNamespace(status="cancelled", steps_done=1, total_steps=9, final_loss=1.0,
+    return types.SimpleNamespace(status=status, steps_done=done, total_steps=9, final_loss=1.0,
                                  final_val_loss=None, duration_s=0.0, adapter_dir=str(out_dir))
 
 

@@ -282,9 +282,11 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         config_json = gr.JSON()
     with gr.Accordion("Delete this run", open=False):
         with gr.Row():
-            confirm = gr.Checkbox(False, label="yes, delete the run and its files (runs/<id>)")
-            delete_btn = gr.Button("Delete", variant="stop", size="sm")
-        delete_md = gr.Markdown()
+            confirm = gr.Checkbox(
+                False, label="yes, delete the run and its files (runs/<id>)", elem_id="delete-confirm"
+            )
+            delete_btn = gr.Button("Delete", variant="stop", size="sm", elem_id="delete-btn")
+        delete_md = gr.Markdown(elem_id="delete-msg")
     gr.Markdown("### Compare runs")
     with gr.Row():
         compare_ids = gr.Dropdown(

@@ -257,11 +257,11 @@ def launch_column(f: dict[str, Any], w, store) -> None:
     w.queue_md = gr.Markdown("Queue: empty.", elem_id="queue")
     with gr.Row():
         w.run_select = gr.Dropdown(run_choices(store), value=None, label="Run", scale=3, elem_id="run-select")
-        w.cancel_btn = gr.Button("Cancel", variant="stop", size="sm", scale=1)
+        w.cancel_btn = gr.Button("Cancel", variant="stop", size="sm", scale=1, elem_id="cancel-btn")
         w.resume_btn = gr.Button("Resume", size="sm", scale=1)
     w.status_md = gr.Markdown("No run yet: fill the form and press Launch.", elem_id="run-status")
     w.progress = gr.HTML("", elem_id="run-progress")
-    w.action_md = gr.Markdown()
+    w.action_md = gr.Markdown(elem_id="run-action")
     w.loss_plot = gr.Plot(loss_figure([]), label="Loss", elem_id="loss-plot")
     w.lr_plot = gr.Plot(lr_figure([]), label="Learning rate", elem_id="lr-plot")
     w.log_box = gr.Textbox(
