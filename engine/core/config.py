@@ -207,7 +207,8 @@ class TrainSpec:
     threads: int = field(
         default=0,
         metadata=_help(
-            "CPU threads for torch (0 = auto: all cores when the machine is idle, 1 when other work is running)."
+            "CPU threads for torch (0 = auto: all cores when the machine is idle, 1 when other work is running); "
+            "at most this machine's cores."
         ),
     )
 
