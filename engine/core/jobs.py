@@ -461,6 +461,7 @@ class JobRunner:
                 last_reconcile = time.monotonic()
                 try:
                     self.reconcile()
+                    self._last_error = ""  # the database answers again: the next error is news
                 except Exception as e:
                     self._note_error("checking running runs", e)
             self._wake.wait(self.poll_s)

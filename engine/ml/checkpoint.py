@@ -136,7 +136,7 @@ def save_checkpoint(
     target = root / name
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    for old in R.checkpoints(out_dir)[:-keep]:
+    for old in sorted(root.glob(f"{R.CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
