@@ -133,3 +133,34 @@ def test_disk_full_while_writing_a_checkpoint_says_so_and_removes_the_partial_fo
     from engine.cli.train import explain_failure
 
     assert explain_failure(e.value) == msg
+
+
+def test_a_full_disk_ends_the_run_failed_with_that_message(tiny_llama_dir, chat_jsonl, tmp_path):
+    """The whole `engine train` process, with every checkpoint write landing on /dev/full (ENOSPC)."""
+    import json
+    import subprocess
+    import sys
+
+    from storage import RunStatus, Store
+    from tests.test_jobs import REPO_ROOT
+
+    home, cfg = tmp_path / "home", tmp_path / "run.json"
+    train_cfg = {"max_steps": 4, "save_every": 2, "val_split": 0, "threads": 1}
+    cfg.write_text(json.dumps({"model": str(tiny_llama_dir), "dataset": str(chat_jsonl), "train": train_cfg}))
+    code = (
+        "import runpy, sys, torch\n"
+        "real = torch.save\n"
+        "torch.save = lambda obj, f, **kw: real(obj, '/dev/full', **kw)\n"
+        f"sys.argv = ['engine', '--home', {str(home)!r}, 'train', {str(cfg)!r}]\n"
+        "runpy.run_module('engine', run_name='__main__')\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ}
+    )
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 1 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert errors[0].startswith("error: disk full while writing checkpoint step-0000002 in ")
+    with Store.for_home(home) as store:
+        (run,) = store.list_runs()
+        assert run.status is RunStatus.FAILED and run.error == errors[0].removeprefix("error: ")
+    assert list((home / "runs" / str(run.id) / "checkpoints").iterdir()) == []  # no partial folder left
