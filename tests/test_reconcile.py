@@ -107,7 +107,8 @@ def test_a_killed_foreground_train_is_failed_by_a_running_scheduler(
     )
     try:
         run = wait_for(lambda: next(iter(store.list_runs(status=RunStatus.RUNNING)), None), 30, "the run to start")
-        wait_for(lambda: store.get_run(run.id).pid == fg.pid, 10, "the foreground process to report in")
+        reported = lambda: store.get_run(run.id).pid == fg.pid and "host" in store.get_run(run.id).summary
+        wait_for(reported, 10, "the foreground process to report in, with its host")
         assert store.get_run(run.id).summary["host"] == os.uname().nodename
         os.kill(fg.pid, signal.SIGKILL)  # no handler runs: nothing records the end
         fg.wait()
