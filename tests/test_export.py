@@ -59,6 +59,37 @@ def test_merged_model_logits_equal_base_plus_adapter(run_in_store, tiny_llama_di
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_export_never_deletes_a_folder_it_did_not_write(run_in_store, tmp_path, capsys):
+    from engine.cli import main
+    from engine.core.export import EXPORT_MARKER
+
+    home, store, run_id = run_in_store
+
+    def export(out, *flags) -> tuple[int, str]:
+        code = main(["--home", str(home), "export", str(run_id), "--merged", str(out), *flags])
+        return code, capsys.readouterr().err
+
+    mine = tmp_path / "my-project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for flags in ((), ("--force",)):  # with or without --force: a folder of the user's is left alone
+        code, err = export(mine, *flags)
+        assert code == 2 and str(mine) in err and (mine / "notes.txt").read_text() == "keep me"
+    assert "not a merged model LoRA Lab wrote" in err
+    for where in (home, home.parent):  # the data home, or a folder holding it
+        code, err = export(where, "--force")
+        assert code == 2 and "holds the data home" in err
+    assert store.get_run(run_id).status.value == "succeeded" and (home / "loralab.db").is_file()
+
+    out = tmp_path / "merged"
+    assert export(out)[0] == 0 and (out / EXPORT_MARKER).is_file()
+    assert export(out, "--force")[0] == 0  # an earlier export of ours is replaced on request
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "my-project"]  # no temp folders left
+    (out / "extra.bin").write_bytes(b"someone else's")
+    code, err = export(out, "--force")
+    assert code == 2 and "files LoRA Lab did not write there (extra.bin)" in err and (out / "extra.bin").is_file()
+
+
 def test_merge_refuses_a_quantized_base(tiny_llama_dir, tmp_path):
     from engine.core.export import ExportError
     from engine.ml.merge import merge

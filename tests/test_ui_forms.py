@@ -306,7 +306,7 @@ def test_layer_ranges():
         assert words in str(e.value)
 
 
-def test_upload_stays_inside_the_data_home(tmp_path):
+def test_upload_stays_inside_the_data_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     src = tmp_path / "up.jsonl"
     src.write_text('{"text": "hello"}\n')
@@ -326,7 +326,11 @@ def test_upload_stays_inside_the_data_home(tmp_path):
     other.write_text('{"text": "different"}\n')
     assert B.save_upload(other, home, "evil.jsonl").name == "evil-1.jsonl"  # never overwrites another upload
     assert B.save_upload(src, home, "evil.jsonl").name == "evil.jsonl"  # same content: same file
-    upd = T.upload_dataset(str(src), home=home)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # where Gradio puts what a browser sends
+    received = tmp_path / "gradio" / "0123abcd" / "up.jsonl"
+    received.parent.mkdir(parents=True)
+    received.write_text(src.read_text())
+    upd = T.upload_dataset(str(received), home=home)
     assert Path(upd["value"]).parent == (home / "datasets").resolve()
     assert ("uploaded: up.jsonl", upd["value"]) in upd["choices"]
 
@@ -357,17 +361,22 @@ def test_backend_errors_and_inspect_cache(tmp_path, monkeypatch):
 def test_cli_errors_reach_the_ui(tmp_path, tiny_llama_dir):
     """The CLI's own error text (its JSON {"error"}) is what the UI shows."""
     backend = B.Backend(tmp_path)
-    with pytest.raises(gr.Error) as e:
-        T.preview_dataset(
-            EMBEDDED_MODEL,
-            str(tiny_llama_dir),
-            str(tmp_path / "missing.jsonl"),
-            "auto",
-            "responses",
-            64,
-            backend=backend,
-        )
-    assert e.value.message.startswith("Cannot preview:") and "missing.jsonl" in e.value.message
+    missing = tmp_path / "datasets" / "missing.jsonl"  # inside the uploads: the engine itself is asked
+    md, rendered, facts = T.preview_dataset(
+        EMBEDDED_MODEL, str(tiny_llama_dir), str(missing), "auto", "responses", 64, backend=backend
+    )  # a message in place of the preview (and a toast), not an exception: the old preview is cleared
+    assert md.startswith("⚠ Cannot preview:") and "missing.jsonl" in md and rendered["visible"] is False
+    assert facts is None
+    md, _, _ = T.preview_dataset(  # a path outside the allowed places never reaches the engine
+        EMBEDDED_MODEL,
+        str(tiny_llama_dir),
+        str(tmp_path / "elsewhere.jsonl"),
+        "auto",
+        "responses",
+        64,
+        backend=backend,
+    )
+    assert "reads datasets only from its uploads" in md
 
 
 def test_plot_builders():
@@ -417,7 +426,7 @@ def test_poll_draws_only_what_is_new(tmp_path):
             "mem/peak_gb": 0.2,
         },
     )
-    cursor, series, status, loss, lr, log, queue, timer = L.poll_run(run_id, 0, {}, store=store, runner=runner)
+    cursor, series, status, loss, lr, log, queue, timer, *_ = L.poll_run(run_id, 0, {}, store=store, runner=runner)
     assert cursor > 0 and [t.name for t in loss.data] == ["train loss"] and [t.name for t in lr.data] == ["lr"]
     assert "step 1 / 4" in status and "ETA 0:30" in status and "800 tok/s" in status and "running" in queue
     assert log == f"log of {run_id}" and timer.active
@@ -425,7 +434,7 @@ def test_poll_draws_only_what_is_new(tmp_path):
     assert again[0] == cursor and again[2:7] == (gr.skip(),) * 5  # status, plots, log, queue: all unchanged
     store.log_metrics(run_id, 2, {"train/loss": 1.5, "val/loss": 1.6})
     store.finish(run_id, RunStatus.SUCCEEDED)
-    cursor2, series, status, loss, *_, timer = L.poll_run(run_id, cursor, again[1], store=store, runner=runner)
+    cursor2, series, status, loss, *_, timer, _, _ = L.poll_run(run_id, cursor, again[1], store=store, runner=runner)
     assert cursor2 > cursor and [t.name for t in loss.data] == ["train loss", "val loss"]
     assert "succeeded" in status and not timer.active  # over, and nothing else queued: stop polling
     # another run selected with a stale cursor: starts over from its first point
@@ -473,16 +482,16 @@ def test_delete_needs_confirmation_and_stays_in_runs(tmp_path):
     folder = home / "runs" / str(run_id)
     (folder / "adapter").mkdir(parents=True)
     store.set_out_dir(run_id, folder)
-    with pytest.raises(gr.Error):
-        H.delete_run(run_id, False, [], "", store=store, home=home)
+    # a refusal is a message and leaves the table, pickers and checkbox as they are (no exception)
+    msg, *rest = H.delete_run(run_id, False, [], "", store=store, home=home)
+    assert msg.startswith("**Not deleted.**") and rest == [gr.skip()] * 4 and folder.exists()
     busy = make_run(store, "busy", "running")
-    with pytest.raises(gr.Error) as e:
-        H.delete_run(busy, True, [], "", store=store, home=home)
-    assert "cancel it" in e.value.message
+    msg, *rest = H.delete_run(busy, True, [], "", store=store, home=home)
+    assert "cancel it" in msg and rest == [gr.skip()] * 4
     outside = make_run(store, "outside", "failed")
     store.set_out_dir(outside, tmp_path / "elsewhere")
-    with pytest.raises(gr.Error):
-        H.delete_run(outside, True, [], "", store=store, home=home)
+    assert "is not inside" in H.delete_run(outside, True, [], "", store=store, home=home)[0]
+    assert "no run with id 999" in H.delete_run(999, True, [], "", store=store, home=home)[0]
     msg, table, *_, confirm = H.delete_run(run_id, True, [], "", store=store, home=home)
     assert not folder.exists() and run_id not in list(table["id"]) and confirm is False
 

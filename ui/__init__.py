@@ -26,6 +26,7 @@ import gradio as gr
 
 from ui.backend import Backend
 from ui.history_tab import build_history_tab
+from ui.run_lists import wire_run_lists
 from ui.train_form import FORM_FIELDS, prefill_form
 from ui.train_tab import build_train_tab
 
@@ -33,15 +34,31 @@ OPTIONAL_TABS = {"chat": "Chat", "calculator": "Calculator", "spectra": "Spectra
 CSS = """
 #run-status { font-size: 1.05em; }
 #estimate { background: var(--block-background-fill); padding: 6px 10px; border-radius: 6px; }
+.ll-progress { position: relative; height: 22px; border-radius: 6px; background: var(--block-background-fill);
+  border: 1px solid var(--border-color-primary); overflow: hidden; }
+.ll-bar { height: 100%; background: #4f8ff7; transition: width 0.8s; }
+.ll-bar.ll-succeeded { background: #2ca02c; } .ll-bar.ll-failed { background: #d62728; }
+.ll-bar.ll-cancelled { background: #999; }
+.ll-progress span { position: absolute; inset: 0; text-align: center; line-height: 22px; font-size: 0.9em; }
+.ll-preset-active { outline: 2px solid var(--color-accent); font-weight: 600; }
 """
 
 
 def launch_kwargs(home: str | Path) -> dict[str, Any]:
-    """What launch() needs beside host and port: theme and css (Gradio 6 takes them here), and the
-    exports folder as the only extra place files may be served from (the adapter zips)."""
+    """What launch() needs beside host and port: theme and css (Gradio 6 takes them here), the exports
+    folder as the only extra place files may be served from (the adapter zips), and no FastAPI schema.
+
+    FastAPI serves its own /openapi.json without Gradio's login check; it is turned off (Gradio's
+    /gradio_api/openapi.json and /gradio_api/info do check the login). POST /gradio_api/reset also answers
+    without a login: in Gradio 6 it is a no-op that returns {"success": true} and touches nothing."""
     exports = Path(home) / "exports"
     exports.mkdir(parents=True, exist_ok=True)
-    return {"theme": gr.themes.Soft(), "css": CSS, "allowed_paths": [str(exports)]}
+    return {
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+        "allowed_paths": [str(exports)],
+        "app_kwargs": {"openapi_url": None},
+    }
 
 
 def _optional_tab(name: str, store, runner, home: Path, backend) -> Any:
@@ -58,6 +75,8 @@ def build_app(
     """The whole app. `doctor` (the `python -m engine doctor --json` dict) skips asking the engine at page load."""
     home = Path(home)
     backend = backend or Backend(home)
+    if doctor is not None:
+        backend.remember_doctor(doctor)
     with gr.Blocks(title="LoRA Lab") as demo:
         gr.Markdown("## LoRA Lab · fine-tune a causal LM with LoRA, watch it learn, compare runs")
         with gr.Tabs(selected="train") as tabs:
@@ -72,6 +91,11 @@ def build_app(
         train.wire_load(demo, store, backend, doctor_known=doctor is not None)
         history_tab.select(*history.refresh, api_name=False, show_progress="hidden")
         demo.load(*history.refresh, api_name=False, show_progress="hidden")
+        lists = [getattr(built.get(k), "refresh", None) for k in ("chat", "spectra", "calculator")]
+        wire_run_lists(demo, store, [r for r in lists if r], on_change=[history.refresh])
+        for tab in built.values():
+            if getattr(tab, "on_load", None):
+                demo.load(*tab.on_load, api_name=False, show_progress="hidden")
         history.relaunch_btn.click(
             partial(prefill_form, store=store),
             [history.run_pick, train.anatomy],

@@ -197,6 +197,15 @@ class Backend:
             )
         return str(resolved)
 
+    def known_doctor(self) -> dict[str, Any] | None:
+        """The doctor answer if already asked (or given), else None: never starts a process."""
+        return self._doctor
+
+    def remember_doctor(self, doctor: Mapping[str, Any]) -> None:
+        """Use this answer instead of asking the engine (the app was given it)."""
+        with self._doctor_lock:
+            self._doctor = dict(doctor)
+
     def doctor(self) -> dict[str, Any]:
         """Device and quantization support of this machine; asked once per process."""
         with self._doctor_lock:
@@ -227,9 +236,20 @@ def sanitize_name(name: str) -> str:
     return f"{stem[:100] or 'dataset'}.{suffix.lower()}"
 
 
-def save_upload(src: str | Path, home: Path, name: str | None = None) -> Path:
-    """Copy an uploaded file into <home>/datasets/ under a sanitised name (never anywhere else)."""
+def save_upload(
+    src: str | Path, home: Path, name: str | None = None, *, inside: Path | None = None, move: bool = False
+) -> Path:
+    """Copy an uploaded file into <home>/datasets/ under a sanitised name (never anywhere else).
+
+    inside: the folder the source must lie in (Gradio's upload folder): any other path is refused, so a
+    client cannot have a file of this machine copied. move: remove the source once it is copied.
+    """
     folder = datasets_dir(Path(home)).resolve()
+    if inside is not None:
+        real, root = Path(src).resolve(), Path(inside).resolve()
+        if not (real.is_relative_to(root) and real != root and real.is_file()):
+            raise ValueError(f"refusing {src}: not a file uploaded through this page (not inside {root})")
+        src = real
     clean = sanitize_name(name or Path(src).name)
     dest, n = folder / clean, 1
     stem, suffix = clean.rsplit(".", 1)
@@ -238,4 +258,6 @@ def save_upload(src: str | Path, home: Path, name: str | None = None) -> Path:
     if dest.resolve().parent != folder:  # cannot happen after sanitize_name; checked because it matters
         raise ValueError(f"refusing to write {dest} outside {folder}")
     shutil.copyfile(src, dest)
+    if move:
+        Path(src).unlink(missing_ok=True)
     return dest

@@ -26,6 +26,7 @@ import pandas as pd
 from engine.core import estimate as E
 from engine.core.batching import DataFacts
 from engine.core.config import DTYPES, EMBEDDED_MODEL, QUANT_MODES, TARGET_PRESETS, ConfigError, RunConfig, field_help
+from ui.errors import warn
 from ui.insight_plots import accuracy_figure, memory_figure
 
 GPUS = (16, 24, 40, 48, 80)
@@ -105,8 +106,8 @@ def load_model(choice: str, text: str, trust_remote_code: bool, *, backend):
     model = model_ref(choice, text)
     try:
         a = backend.inspect(model, bool(trust_remote_code))
-    except ValueError as e:
-        raise gr.Error(f"Cannot inspect {model!r}: {e}") from None
+    except ValueError as e:  # the old model's anatomy goes: nothing stale stays on the page
+        return warn(f"Cannot inspect {model!r}: {e}"), None, gr.update(choices=[], value=[])
     return anatomy_text(a), a, gr.update(choices=kind_choices(a), value=[])
 
 
@@ -340,6 +341,14 @@ def runs_panel(anatomy: Mapping[str, Any] | None, *, store):
 # ---- layout ---------------------------------------------------------------------------------------
 
 
+def machine_device(*, backend):
+    """Page load → the device radio on this machine's device (from `engine doctor`, asked once per process)."""
+    try:
+        return gr.update(value=backend.doctor().get("device", DEVICE_DEFAULT))
+    except ValueError as e:  # the engine could not start: keep the default and say why
+        return gr.update(info=f"could not check this machine ({e}); estimating for {DEVICE_DEFAULT}")
+
+
 @dataclass
 class CalculatorTab:
     anatomy: Any
@@ -347,12 +356,15 @@ class CalculatorTab:
     summary: Any
     bar: Any
     runs: Any
+    on_load: Any = None  # (fn, inputs, outputs) for page load: the device of this machine
+    refresh: Any = None  # (fn, inputs, outputs): past runs, on load and whenever runs change
 
 
 def build_calculator_tab(store, runner, home: Path, backend) -> CalculatorTab:
     D = KNOB_DEFAULTS
     initial = backend.cached_inspect(EMBEDDED_MODEL)  # no process at build time: only an existing cache entry
-    first = estimate_panel(initial, DEVICE_DEFAULT, BUDGET_DEFAULT, *(D[n] for n in KNOBS))
+    device = (backend.known_doctor() or {}).get("device", DEVICE_DEFAULT)  # this machine's, once known
+    first = estimate_panel(initial, device, BUDGET_DEFAULT, *(D[n] for n in KNOBS))
     first_runs = runs_panel(initial, store=store)
     w = SimpleNamespace(anatomy=gr.State(initial), facts=gr.State(None))
     k: dict[str, Any] = {}
@@ -380,7 +392,7 @@ def build_calculator_tab(store, runner, home: Path, backend) -> CalculatorTab:
     w.anatomy_md = gr.Markdown(anatomy_text(initial) if initial else "Press **Load** to read the model's shapes.")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            knob_widgets(k, w, initial)
+            knob_widgets(k, w, initial, device)
             data_widgets(w, home, getattr(backend, "data_dirs", []))
         with gr.Column(scale=3):
             w.summary = gr.Markdown(first[0], elem_id="calc-summary")
@@ -395,10 +407,18 @@ def build_calculator_tab(store, runner, home: Path, backend) -> CalculatorTab:
         w.acc_plot = gr.Plot(first_runs[1], scale=2)
     w.refresh_btn = gr.Button("Refresh past runs", size="sm")
     wire_calculator(k, w, store, backend)
-    return CalculatorTab(anatomy=w.anatomy, knobs=k, summary=w.summary, bar=w.bar, runs=w.runs_df)
+    return CalculatorTab(
+        anatomy=w.anatomy,
+        knobs=k,
+        summary=w.summary,
+        bar=w.bar,
+        runs=w.runs_df,
+        on_load=(partial(machine_device, backend=backend), None, [w.device]),
+        refresh=(partial(runs_panel, store=store), [w.anatomy], [w.runs_df, w.acc_plot, w.runs_note]),
+    )
 
 
-def knob_widgets(k: dict[str, Any], w, initial: Mapping[str, Any] | None) -> None:
+def knob_widgets(k: dict[str, Any], w, initial: Mapping[str, Any] | None, device: str = DEVICE_DEFAULT) -> None:
     HL, HT, H = field_help("lora"), field_help("train"), field_help()
     D = KNOB_DEFAULTS
     with gr.Row():
@@ -440,7 +460,7 @@ def knob_widgets(k: dict[str, Any], w, initial: Mapping[str, Any] | None) -> Non
         info="1 = every token (train_on all, and the worst case of responses); lower it to your data's response share",
     )
     with gr.Row():
-        w.device = gr.Radio(["cuda", "cpu"], value=DEVICE_DEFAULT, label="Device")
+        w.device = gr.Radio(["cuda", "cpu"], value=device, label="Device", info="defaults to this machine's")
         w.budget = gr.Number(BUDGET_DEFAULT, label="Budget GB (for suggestions)", minimum=0)
 
 

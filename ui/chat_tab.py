@@ -7,10 +7,9 @@ panes comes from the weights. Under each pane: tokens, tokens/s and time to the 
 line says what the worker holds (base, adapters, device, memory), and what happens when a training job
 is running: the chat model then loads on the CPU, so it takes no GPU memory from the job.
 
-The "Export" accordion zips a run's adapter (with its model card), saves base + adapter merged into a
-folder (`python -m engine export ID --merged DIR` in a child process), or pushes to the Hugging Face Hub;
-the token typed there is used for that upload only and never stored or logged. Its GGUF row (ui.gguf_panel)
-writes the merged model or the adapter as GGUF for llama.cpp / Ollama / LM Studio.
+The "Export" accordion below the panes (ui/export_panel.py) zips a run's adapter, merges it into its base
+(never replacing a folder it did not write), pushes it to the Hugging Face Hub, or writes the merged model or
+the adapter as GGUF for llama.cpp / Ollama / LM Studio (its GGUF row, ui/gguf_panel.py).
 
 Handlers are module-level functions; the store, the worker and the data home are bound with partial.
 """
@@ -30,10 +29,10 @@ import gradio as gr
 
 from engine.core.chat import ChatError, ChatWorker, GenParams, PaneStats, WorkerDied, adapter_base_model
 from engine.core.config import EMBEDDED_MODEL
-from engine.core.export import ExportError, export_adapter_zip, push_adapter, redact, stored_summary
-from engine.core.runs import adapter_dir, is_adapter_folder, merged_path, saved_adapter
+from engine.core.runs import adapter_dir, is_adapter_folder
 from storage import RunStatus
-from ui.gguf_panel import gguf_row, wire_gguf
+from ui.errors import refuse
+from ui.export_panel import export_choices, export_panel, finished_runs, run_label
 
 MAX_PANES = 4
 BASE = "base"
@@ -53,20 +52,6 @@ class Pane:
     folder: str | None = None
     base: str | None = None  # the base model the adapter was trained on
     error: str | None = None  # why this pane cannot run
-
-
-def run_label(r) -> str:
-    loss = f"loss {r.final_loss:.2f}" if r.final_loss is not None else "no loss"
-    return f"run {r.id} · {r.name or Path(str(r.config.get('model', ''))).name} · {loss}"
-
-
-def finished_runs(store) -> list:
-    """Runs with a saved adapter (succeeded, or cancelled after saving), newest first."""
-    return [
-        r
-        for r in store.list_runs(status=[RunStatus.SUCCEEDED.value, RunStatus.CANCELLED.value])
-        if saved_adapter(r) is not None
-    ]
 
 
 def pane_choices(store) -> list[tuple[str, str]]:
@@ -263,7 +248,7 @@ def send(
     """Generator: append the prompt to every visible pane, then stream all panes together."""
     prompt = (prompt or "").strip()
     if not prompt:
-        raise gr.Error("Type a message first")
+        raise refuse("Type a message first")
     n = int(n_panes)
     histories = [list(h) for h in (histories or [[] for _ in range(MAX_PANES)])]
     panes = [resolve_pane(choices[i], store) for i in range(n)]
@@ -331,14 +316,18 @@ def show_panes(n) -> list:
     return [gr.update(visible=i < int(n)) for i in range(MAX_PANES)]
 
 
-def refresh_choices(p0, p1, p2, p3, base_choice, *, store) -> list:
-    choices = [p0, p1, p2, p3]
-    opts = pane_choices(store)
-    bases = base_choices(store)
+def refresh_choices(base_choice, export_run=None, *, store, worker: ChatWorker | None = None) -> list:
+    """[4 pane pickers, base, export run, status] with the runs now; what is chosen stays (a pane keeps its
+    chat). The status says what the worker holds (no call to it: its last report) and which run trains."""
+    runs = export_choices(store)
+    ids = [i for _, i in runs]
+    keep = export_run if export_run in ids else (ids[0] if ids else None)
+    info = worker.info if worker is not None and worker.running else {}
     return [
-        *(gr.update(choices=opts, value=v) for v in choices),
-        gr.update(choices=bases, value=base_choice),
-        gr.update(choices=[(run_label(r), r.id) for r in finished_runs(store)]),
+        *(gr.update(choices=pane_choices(store)) for _ in range(MAX_PANES)),
+        gr.update(choices=base_choices(store), value=base_choice),
+        gr.update(choices=runs, value=keep),
+        status_text(info, training_note(store, info)),
     ]
 
 
@@ -352,58 +341,6 @@ def unload(*, store, worker: ChatWorker) -> str:
     return status_text({}, "Unloaded: the worker process ended and its memory was freed.")
 
 
-# ---- export --------------------------------------------------------------------------------------------
-
-
-def _run_for_export(run_id, store):
-    if run_id in (None, ""):
-        raise gr.Error("Choose a run to export")
-    r = store.get_run(int(run_id))
-    if saved_adapter(r) is None:
-        raise gr.Error(f"run #{r.id} has no saved adapter")
-    return r
-
-
-def export_zip(run_id, *, store, home: Path):
-    r = _run_for_export(run_id, store)
-    out = export_adapter_zip(r, store, home)
-    return gr.update(value=str(out), visible=True), f"Adapter of run #{r.id} zipped with its model card: `{out}`"
-
-
-def export_merged(run_id, folder, *, store, home: Path, backend) -> str:
-    """`python -m engine export ID --merged DIR` through the backend (merging needs torch)."""
-    r = _run_for_export(run_id, store)
-    out = (folder or "").strip() or str(merged_path(home, r.id))
-    try:
-        backend.run_text(["export", str(r.id), "--merged", out, "--force"])
-    except ValueError as e:
-        raise gr.Error(str(e)) from None
-    return f"Merged model of run #{r.id} (base + adapter, merge_and_unload) saved to `{out}`"
-
-
-def push_to_hub(run_id, repo, token, private, merged, *, store, home: Path, backend) -> str:
-    """Adapter pushes run here (huggingface_hub only); a merged push needs torch: a child process, token in its env."""
-    r = _run_for_export(run_id, store)
-    repo = (repo or "").strip()
-    token = (token or "").strip() or None
-    if merged:
-        try:
-            return redact(
-                backend.run_text(
-                    ["push", str(r.id), "--repo", repo, "--merged"] + ([] if private else ["--public"]),
-                    env={"HF_TOKEN": token} if token else None,
-                ),
-                token,
-            )
-        except ValueError as e:
-            raise gr.Error(redact(str(e), token)) from None
-    try:
-        url = push_adapter(r, repo, token=token, private=bool(private), spectra=stored_summary(store, r.id), home=home)
-    except ExportError as e:
-        raise gr.Error(redact(str(e), token)) from None
-    return f"Pushed the adapter of run #{r.id} to {url} ({'private' if private else 'public'})"
-
-
 # ---- layout --------------------------------------------------------------------------------------------
 
 
@@ -415,7 +352,7 @@ class ChatTab:
     status: Any = None
     histories: Any = None
     worker: ChatWorker | None = None
-    refresh: Any = None  # (fn, inputs, outputs): new runs into the pickers; wire it to the tab's select if wanted
+    refresh: Any = None  # (fn, inputs, outputs): runs into the pickers, the status; on load and when runs change
 
 
 def build_chat_tab(store, runner, home: Path, backend=None) -> ChatTab:
@@ -442,9 +379,9 @@ def build_chat_tab(store, runner, home: Path, backend=None) -> ChatTab:
     c.histories = gr.State([[] for _ in range(MAX_PANES)])
     wire_chat(c, w, store, Session())
     c.refresh = (
-        partial(refresh_choices, store=store),
-        [*w.pickers, w.base_choice],
-        [*w.pickers, w.base_choice, export_run],
+        partial(refresh_choices, store=store, worker=c.worker),
+        [w.base_choice, export_run],
+        [*w.pickers, w.base_choice, export_run, c.status],
     )
     w.refresh_btn.click(*c.refresh, api_name=False)
     status_btn.click(partial(report, store=store, worker=c.worker), None, [c.status], api_name="chat_status")
@@ -539,52 +476,3 @@ def wire_chat(c: ChatTab, w, store, sessions: Session) -> None:
             [c.histories, c.bots[i], c.stats[i]],
             api_name=False,
         )
-
-
-def export_panel(store, home: Path, backend):
-    """The Export accordion (adapter zip, merged model, Hub push), wired; returns its run picker."""
-    with gr.Accordion("Export a run: adapter zip, merged model, Hugging Face Hub, GGUF", open=False):
-        runs = finished_runs(store)
-        export_run = gr.Dropdown(
-            [(run_label(r), r.id) for r in runs],
-            value=runs[0].id if runs else None,
-            label="Run",
-            elem_id="chat-export-run",
-        )
-        with gr.Row():
-            zip_btn = gr.Button("Download adapter zip", size="sm")
-            merged_dir = gr.Textbox(
-                label="Merged model folder", placeholder=str(home / "exports" / "run-N-merged"), scale=3
-            )
-            merge_btn = gr.Button("Save merged model to folder", size="sm")
-        zip_file = gr.File(label="Adapter zip", visible=False, interactive=False)
-        with gr.Row():
-            repo = gr.Textbox(label="Hub repo", placeholder="your-name/pirate-lora", scale=2)
-            token = gr.Textbox(
-                label="HF token (write)",
-                type="password",
-                scale=2,
-                info="empty = HF_TOKEN or `hf auth login`; used for this upload only, never stored",
-            )
-            private = gr.Checkbox(True, label="private")
-            push_merged = gr.Checkbox(False, label="push the merged model")
-            push_btn = gr.Button("Push to Hub", size="sm")
-        gguf = gguf_row(home)
-        export_md = gr.Markdown()
-    wire_gguf(gguf, export_run, export_md, store=store, home=home, backend=backend)
-    zip_btn.click(
-        partial(export_zip, store=store, home=home), [export_run], [zip_file, export_md], api_name="chat_export_zip"
-    )
-    merge_btn.click(
-        partial(export_merged, store=store, home=home, backend=backend),
-        [export_run, merged_dir],
-        [export_md],
-        api_name="chat_export_merged",
-    )
-    push_btn.click(
-        partial(push_to_hub, store=store, home=home, backend=backend),
-        [export_run, repo, token, private, push_merged],
-        [export_md],
-        api_name="chat_push",
-    )
-    return export_run

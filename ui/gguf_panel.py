@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from engine.core.runs import gguf_path
+from ui.errors import refuse
 
 DEFAULT = "default"
 TYPES = [DEFAULT, "f16", "bf16", "q8_0", "f32"]
@@ -24,7 +25,7 @@ TYPES = [DEFAULT, "f16", "bf16", "q8_0", "f32"]
 
 def export_gguf(run_id, path, kind, overwrite, *, adapter: bool, store, home: Path, backend) -> str:
     """`python -m engine export ID --gguf[-adapter] OUT [--gguf-type T] [--force]`; its final line, shown as is."""
-    from ui.chat_tab import _run_for_export  # the panel's one rule for which runs can be exported
+    from ui.export_panel import _run_for_export  # the panel's one rule for which runs can be exported
 
     r = _run_for_export(run_id, store)
     out = (path or "").strip() or str(gguf_path(home, r.id, adapter=adapter))
@@ -34,7 +35,7 @@ def export_gguf(run_id, path, kind, overwrite, *, adapter: bool, store, home: Pa
     try:
         return backend.run_text(args)
     except ValueError as e:
-        raise gr.Error(str(e)) from None
+        raise refuse(str(e)) from None
 
 
 def gguf_row(home: Path) -> SimpleNamespace:

@@ -23,6 +23,7 @@ from engine.core.events import format_duration
 from engine.core.export import ExportError, export_adapter_zip
 from engine.core.runs import run_folder
 from storage import RunStatus
+from ui.errors import refuse, warn
 from ui.plots import compare_figure, loss_figure, lr_figure, reindex
 
 COLUMNS = [
@@ -41,6 +42,10 @@ COLUMNS = [
     "est. GB",
     "created",
 ]
+COLUMN_WIDTHS = [
+    "55px", "160px", "95px", "190px", "110px", "50px", "50px", "65px", "90px", "105px", "90px", "80px", "80px",
+    "140px",
+]  # fmt: skip
 STATUSES = [s.value for s in RunStatus]
 X_AXES = {"step": None, "epoch": "epoch", "tokens seen": "tokens_seen"}
 
@@ -217,18 +222,24 @@ def deletable_folder(home: Path, r) -> Path:
 
 
 def delete_run(run_id: int | None, confirm: bool, statuses: Sequence[str] | None, text: str, *, store, home: Path):
-    """Delete (with the confirmation ticked) → [message, table, run picker, compare picker, confirm box]."""
+    """Delete (with the confirmation ticked) → [message, table, run picker, compare picker, confirm box].
+
+    A refusal is a message (and a toast), never an exception: the table and pickers stay as they are."""
+
+    def refused(why: str):
+        return f"**Not deleted.** {warn(why)}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
     if run_id is None:
-        raise gr.Error("Choose a run to delete")
+        return refused("Choose a run to delete")
     if not confirm:
-        raise gr.Error(f"Tick “yes, delete run #{run_id} and its files” first")
-    r = store.get_run(int(run_id))
-    if r.status in (RunStatus.QUEUED, RunStatus.RUNNING):
-        raise gr.Error(f"Run #{r.id} is {r.status.value}: cancel it on the Train tab first")
+        return refused(f"Tick “yes, delete the run and its files” first (run #{run_id})")
     try:
+        r = store.get_run(int(run_id))
+        if r.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+            return refused(f"Run #{r.id} is {r.status.value}: cancel it on the Train tab first")
         folder = deletable_folder(home, r)
-    except ValueError as e:
-        raise gr.Error(str(e)) from None
+    except (KeyError, ValueError) as e:
+        return refused(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
     store.delete_run(r.id)
     if folder.exists():
         shutil.rmtree(folder)
@@ -248,11 +259,11 @@ def export_adapter(run_id: int, *, store, home: Path) -> Path:
 
 def download_adapter(run_id: int | None, *, store, home: Path):
     if run_id is None:
-        raise gr.Error("Choose a run first")
+        raise refuse("Choose a run first")
     try:
         return gr.update(value=str(export_adapter(int(run_id), store=store, home=home)), visible=True)
     except ValueError as e:
-        raise gr.Error(str(e)) from None
+        raise refuse(str(e)) from None
 
 
 @dataclass
@@ -274,6 +285,7 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         elem_id="runs-table",
         max_height=360,
         wrap=True,
+        column_widths=COLUMN_WIDTHS,  # fixed: a filtered, narrow table must not squeeze headers into letters
     )
     with gr.Row():
         run_pick = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="history-run")
@@ -288,9 +300,11 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         config_json = gr.JSON()
     with gr.Accordion("Delete this run", open=False):
         with gr.Row():
-            confirm = gr.Checkbox(False, label="yes, delete the run and its files (runs/<id>)")
-            delete_btn = gr.Button("Delete", variant="stop", size="sm")
-        delete_md = gr.Markdown()
+            confirm = gr.Checkbox(
+                False, label="yes, delete the run and its files (runs/<id>)", elem_id="delete-confirm"
+            )
+            delete_btn = gr.Button("Delete", variant="stop", size="sm", elem_id="delete-btn")
+        delete_md = gr.Markdown(elem_id="delete-msg")
     gr.Markdown("### Compare runs")
     with gr.Row():
         compare_ids = gr.Dropdown(
@@ -308,11 +322,12 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         partial(show_run, store=store), [run_pick], [config_json, summary, loss_plot, lr_plot], api_name="show_run"
     )
     gr.on(
-        [compare_ids.change, x_axis.change, smoothing.release],
+        [compare_ids.change, x_axis.change, smoothing.change],  # change: on release, and on Enter when typed
         partial(compare_runs, store=store),
         [compare_ids, x_axis, smoothing],
         [compare_plot, diff_table],
         api_name="compare",
+        trigger_mode="always_last",
     )
     delete_btn.click(
         partial(delete_run, store=store, home=home),

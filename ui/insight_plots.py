@@ -39,7 +39,11 @@ TERM_COLORS = {
     "CUDA context": "#79706e",
     "torch runtime": "#79706e",
 }
-SIGMA_MODES = {"sigma": "σᵢ", "normalised": "σᵢ / σ₁", "energy": "energy in top i: Σ_{k≤i} σ_k² / Σσ²"}
+SIGMA_MODES = {
+    "sigma": "σ<sub>i</sub>",
+    "normalised": "σ<sub>i</sub> / σ<sub>1</sub>",
+    "energy": "energy in the top i: Σ<sub>k≤i</sub> σ<sub>k</sub>² / Σ σ²",
+}
 
 
 def _empty(fig: go.Figure, text: str) -> go.Figure:
@@ -64,13 +68,13 @@ def memory_figure(
     fig = go.Figure(
         layout=dict(
             LAYOUT,
-            title=f"{title}: {total:.2f} GB",
+            title=f"{title}: {total:.2f} GB (GiB)",
             height=300,
             barmode="stack",
-            xaxis_title="GB (GiB)",
+            xaxis=dict(ticksuffix=" GB"),  # the unit on the ticks: no axis title for the legend to cover
             yaxis=dict(visible=False),
             margin=dict(l=20, r=20, t=70, b=40),
-            legend=dict(orientation="h", yanchor="top", y=-0.45, xanchor="left", x=0.0),
+            legend=dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0.0),
         )
     )
     if not terms:

@@ -8,6 +8,7 @@ coming back re-attaches.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,10 +16,8 @@ import gradio as gr
 
 from engine.core.events import format_duration
 from storage import TERMINAL, RunStatus
+from ui.errors import warn
 from ui.plots import loss_figure, lr_figure
-
-PLOTTED = ("train/loss", "val/loss", "lr")
-
 
 PLOTTED = ("train/loss", "val/loss", "lr")
 
@@ -101,25 +100,48 @@ def status_markdown(run, last: Mapping[str, float], step: int, queue_pos: int | 
     return text
 
 
+LOG_LINES = 12  # the log box shows the end of train.log, this many lines, and follows it
+
+
+def progress_html(run, last: Mapping[str, float], step: int) -> str:
+    """A progress bar: steps done of the total, the share done and, while running, the ETA."""
+    total = int(last.get("total_steps") or run.total_steps or 0)
+    done = step if run.status != RunStatus.QUEUED else 0
+    frac = min(1.0, done / total) if total else 0.0
+    label = f"step {done} / {total or '?'} · {frac:.0%}"
+    if run.status == RunStatus.RUNNING and "eta_s" in last:
+        label += f" · ETA {format_duration(last['eta_s'])}"
+    elif run.status != RunStatus.RUNNING:
+        label += f" · {run.status.value}"
+    return (
+        f'<div class="ll-progress" role="progressbar" aria-valuemin="0" aria-valuemax="{total}" '
+        f'aria-valuenow="{done}"><div class="ll-bar ll-{run.status.value}" style="width: {100 * frac:.1f}%">'
+        f"</div><span>{html.escape(label)}</span></div>"
+    )
+
+
+def next_to_follow(run, series: Mapping[str, Any], running: Sequence[Any], queued: Sequence[Any], store):
+    """The selector's update when the followed run has just ended and another is running (else the next
+    queued one), or skip."""
+    following = [*running, *queued]
+    if run.status in TERMINAL and series.get("active") and following:
+        return gr.update(choices=run_choices(store), value=following[0].id)
+    return gr.skip()
+
+
 def poll_run(run_id: int | None, cursor: int, series: Mapping[str, Any], *, store, runner):
-    """Timer tick → [cursor, series, status, loss plot, lr plot, log tail, queue, timer]; skips what is unchanged."""
+    """Timer tick → [cursor, series, status, loss plot, lr plot, log tail, queue, timer, progress, run selector];
+    skips what is unchanged. When the followed run ends and another is running, the selector moves to it."""
     running, queued = active_runs(store)
     queue, busy = queue_markdown(running, queued), bool(running or queued)
+    skip = gr.skip()
     if run_id is None:
-        return (
-            cursor,
-            series,
-            "No run yet: fill the form and press Launch.",
-            gr.skip(),
-            gr.skip(),
-            gr.skip(),
-            queue,
-            gr.Timer(active=busy),
-        )
+        idle = "No run yet: fill the form and press Launch."
+        return cursor, series, idle, skip, skip, skip, queue, gr.Timer(active=busy), "", skip
     try:
         run = store.get_run(int(run_id))  # status first: metrics written before the end are then visible
     except KeyError:
-        return 0, {}, f"Run #{run_id} was deleted.", gr.skip(), gr.skip(), "", queue, gr.Timer(active=busy)
+        return 0, {}, f"Run #{run_id} was deleted.", skip, skip, "", queue, gr.Timer(active=busy), "", skip
     if series.get("run") != run.id:  # another run was selected since the last tick: start over
         cursor, series = 0, {"run": run.id}
     points = store.metrics_since(run.id, cursor)
@@ -128,46 +150,63 @@ def poll_run(run_id: int | None, cursor: int, series: Mapping[str, Any], *, stor
     status = status_markdown(
         run, new["last"], new["step"], store.queue_position(run.id) if run.status == RunStatus.QUEUED else None
     )
-    log = runner.log_tail(run.id)
-    loss = lr = gr.skip()
+    log = "\n".join(runner.log_tail(run.id).splitlines()[-LOG_LINES:])
+    progress = progress_html(run, new["last"], new["step"])
+    loss = lr = skip
     if redraw:
         loss = loss_figure(
             sorted(new["train/loss"].items()), sorted(new["val/loss"].items()), title=f"run #{run.id} loss"
         )
         lr = lr_figure(sorted(new["lr"].items()))
-    out_status = status if status != series.get("status_text") else gr.skip()
-    out_log = log if log != series.get("log") else gr.skip()
-    out_queue = queue if queue != series.get("queue") else gr.skip()
-    new.update(drawn=True, status_text=status, log=log, queue=queue)
-    keep_polling = run.status not in TERMINAL or busy
+    changed = {k: v if v != series.get(k) else skip for k, v in (("status_text", status), ("log", log))}
+    changed.update({k: v if v != series.get(k) else skip for k, v in (("queue", queue), ("progress", progress))})
+    follow = next_to_follow(run, series, running, queued, store)
+    new.update(drawn=True, status_text=status, log=log, queue=queue, progress=progress)
+    new["active"] = run.status not in TERMINAL
     return (
         (points[-1].id if points else cursor),
         new,
-        out_status,
+        changed["status_text"],
         loss,
         lr,
-        out_log,
-        out_queue,
-        gr.Timer(active=keep_polling),
+        changed["log"],
+        changed["queue"],
+        gr.Timer(active=run.status not in TERMINAL or busy),
+        changed["progress"],
+        follow,
     )
+
+
+def followed_after_launch(store, new_id: int) -> int:
+    """Whom the live view follows once `new_id` is queued: a run already running keeps it, else the new run."""
+    running = [r.id for r in store.list_runs(status=RunStatus.RUNNING) if r.id != new_id]
+    return running[0] if running else new_id
 
 
 def cancel_run(run_id: int | None, *, runner) -> str:
     if run_id is None:
-        raise gr.Error("No run selected")
-    return runner.cancel(int(run_id))
+        return warn("No run selected")
+    try:
+        return runner.cancel(int(run_id))
+    except KeyError as e:  # deleted meanwhile
+        return warn(str(e.args[0]) if e.args else str(e))
 
 
 def resume_run(run_id: int | None, *, runner, store):
     """Resume → [message, run selector on the resumed run, timer]."""
     if run_id is None:
-        raise gr.Error("No run selected")
+        return warn("No run selected"), gr.skip(), gr.skip()
     try:
         new_id = runner.resume(int(run_id))
     except (ValueError, KeyError) as e:
-        raise gr.Error(str(e)) from None
+        return warn(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)), gr.skip(), gr.skip()
+    said = (
+        f"Run #{run_id} is queued again; it continues from its latest checkpoint."
+        if new_id == int(run_id)
+        else f"Run #{run_id} continues as the new run #{new_id}."
+    )
     return (
-        f"Run #{run_id} resumes as #{new_id}.",
-        gr.update(choices=run_choices(store), value=new_id),
+        said,
+        gr.update(choices=run_choices(store), value=followed_after_launch(store, new_id)),
         gr.Timer(active=True),
     )

@@ -49,25 +49,39 @@ def _empty(fig: go.Figure, text: str) -> go.Figure:
     return fig
 
 
+def _line_mode(x: Sequence[float]) -> str:
+    return "lines" if len(x) > 1 else "lines+markers"  # one point draws no line: show it as a marker
+
+
+def _single_x(fig: go.Figure, x: Sequence[float]) -> None:
+    """With points at one step only, an x range around that step (plotly's default is a unit box at 0)."""
+    if x and len(set(x)) == 1:
+        fig.update_xaxes(range=[x[0] - 1, x[0] + 1])
+
+
 def loss_figure(train: Series, val: Series = (), *, title: str = "loss") -> go.Figure:
     """Training loss as a line, validation loss as a line with markers (it is logged less often)."""
     fig = go.Figure(layout=dict(LAYOUT, title=title, xaxis_title="step", yaxis_title="loss"))
     if train:
         x, y = _xy(train)
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="train loss", line=dict(color="#1f77b4")))
+        fig.add_trace(go.Scatter(x=x, y=y, mode=_line_mode(x), name="train loss", line=dict(color="#1f77b4")))
     if val:
         x, y = _xy(val)
         fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="val loss", line=dict(color="#d62728")))
+    _single_x(fig, [p[0] for p in (*train, *val)])
     return fig if train or val else _empty(fig, "waiting for the first step…")
 
 
 def lr_figure(lr: Series, *, title: str = "learning rate") -> go.Figure:
+    """The learning rate per step, on an axis from 0 (never below: a learning rate is not negative)."""
     fig = go.Figure(layout=dict(LAYOUT, title=title, xaxis_title="step", yaxis_title="lr"))
     if not lr:
         return _empty(fig, "waiting for the first step…")
     x, y = _xy(lr)
-    fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="lr", line=dict(color="#2ca02c")))
-    fig.update_yaxes(exponentformat="e")
+    fig.add_trace(go.Scatter(x=x, y=y, mode=_line_mode(x), name="lr", line=dict(color="#2ca02c")))
+    top = max(y)
+    fig.update_yaxes(exponentformat="e", range=[0, 1.1 * top if top > 0 else 1e-3])
+    _single_x(fig, x)
     return fig
 
 

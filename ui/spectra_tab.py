@@ -27,6 +27,7 @@ from engine.core.anatomy import column_labels, kind_rank, layer_kind_grid
 from engine.core.config import parse_layers
 from engine.core.runs import saved_adapter
 from engine.core.spectrum import record_stats, summarize
+from ui.errors import warn
 from ui.insight_plots import heatmap_figure, sigma_figure, similarity_figure, steps_figure
 
 MAX_CURVES = 48
@@ -44,7 +45,7 @@ rsLoRA); ΔW has at most r of them, computed without forming ΔW (QR of B and A�
 **‖ΔW‖_F** = √Σσ² is how much a module changed: the layers × modules heatmap shows where the adapter
 acts.
 **Effective rank** = exp(entropy of σ/Σσ) (Roy & Vetterli): 1 when one direction carries everything, r when
-all are equal; **stable rank** = Σσ²/σ₁². **Energy in top k** = Σ_{i≤k}σᵢ²/Σσ²: the share of ‖ΔW‖²_F the
+all are equal; **stable rank** = Σσ²/σ₁². **Energy in top k** = (σ₁² + … + σₖ²)/Σσ²: the share of ‖ΔW‖²_F the
 best rank-k approximation keeps (the "cumulative energy" view). A spectrum that falls off after a few σ says
 a smaller r would have done; a flat one says r was a bottleneck.
 **φ(i, j)** = ‖U₁ᵢᵀU₂ⱼ‖²_F / min(i, j) (Hu et al., LoRA §7.2) compares the top-i singular directions of
@@ -170,7 +171,7 @@ def load_runs(run_ids: Sequence[int] | None, sources: Mapping[str, Any] | None, 
         try:
             src = run_source(store, run_id)
         except (KeyError, ValueError) as e:
-            gr.Warning(str(e))
+            warn(str(e))
             continue
         chosen[src["label"]] = src
     return refreshed({**chosen, **kept})
@@ -180,8 +181,9 @@ def add_folder(folder: str, sources: Mapping[str, Any] | None, *, backend):
     """Add folder button → the sources with this adapter folder added."""
     try:
         src = folder_source(folder, backend=backend)
-    except ValueError as e:
-        raise gr.Error(str(e)) from None
+    except ValueError as e:  # a message, not an exception: the sources and plots stay as they are
+        warn(str(e))
+        return tuple(gr.skip() for _ in refreshed({}))
     return refreshed({**(sources or {}), src["label"]: src})
 
 
@@ -333,14 +335,14 @@ def phi_view(
     sources = sources or {}
     a, b = sources.get(a_label or ""), sources.get(b_label or "")
     if not (a and b and module):
-        raise gr.Error("choose two sources that have an adapter folder, and a module")
+        return gr.skip(), warn("choose two sources that have an adapter folder, and a module")
     if not (a.get("adapter_dir") and b.get("adapter_dir")):
-        raise gr.Error("φ needs the adapters' factors: both sources must have an adapter folder")
+        return gr.skip(), warn("φ needs the adapters' factors: both sources must have an adapter folder")
     use, side = PHI_MODES[mode]
     try:
         out = phi_grid(a["adapter_dir"], b["adapter_dir"], module, use, side, int(i_max), int(j_max), backend=backend)
     except ValueError as e:
-        raise gr.Error(f"φ failed: {e}") from None
+        return gr.skip(), warn(f"φ failed: {e}")
     grid = out["grid"]
     diag = [grid[k][k] for k in range(min(len(grid), len(grid[0]) if grid else 0))]
     note = (
@@ -367,6 +369,12 @@ class SpectraTab:
     sources: Any
     run_pick: Any
     sigma_plot: Any
+    refresh: Any = None  # (fn, inputs, outputs): the run picker's choices, on page load and when runs change
+
+
+def refresh_runs(*, store):
+    """The run picker's choices now (its ticks stay)."""
+    return gr.update(choices=run_choices(store))
 
 
 def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
@@ -396,7 +404,8 @@ def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
     w.ckpt_plot = gr.Plot(steps_figure({}, module="module"))
     phi_section(w)
     wire_spectra(w, store, backend)
-    return SpectraTab(sources=w.sources, run_pick=w.run_pick, sigma_plot=w.sigma_plot)
+    refresh = (partial(refresh_runs, store=store), None, [w.run_pick])
+    return SpectraTab(sources=w.sources, run_pick=w.run_pick, sigma_plot=w.sigma_plot, refresh=refresh)
 
 
 def sources_section(w, store) -> None:
@@ -441,7 +450,7 @@ def phi_section(w) -> None:
 
 def wire_spectra(w, store, backend) -> None:
     loaded = [w.sources, w.summary, w.kinds, w.heat_source, w.ckpt_run, w.ckpt_module, w.phi_a, w.phi_b, w.phi_module]
-    w.refresh_btn.click(lambda: gr.update(choices=run_choices(store)), None, [w.run_pick], api_name=False)
+    w.refresh_btn.click(partial(refresh_runs, store=store), None, [w.run_pick], api_name=False)
     w.run_pick.change(partial(load_runs, store=store), [w.run_pick, w.sources], loaded, api_name="spectra_runs")
     w.add_btn.click(partial(add_folder, backend=backend), [w.folder, w.sources], loaded, api_name="spectra_folder")
     w.clear_btn.click(clear_folders, [w.sources], loaded, api_name=False)

@@ -32,7 +32,8 @@ from engine.core.data_fields import columns_text, truncation_warning
 from engine.core.estimate import estimate, gb
 from engine.core.home import datasets_dir
 from ui.backend import DATASET_SUFFIXES, cached_hub_models, save_upload
-from ui.live_view import run_choices
+from ui.errors import refuse, warn
+from ui.live_view import followed_after_launch, run_choices
 
 # Form fields follow the config's dataclasses, so a field added there gets a widget (under "More") and a
 # place in config_from_form without touching this file.
@@ -148,8 +149,8 @@ def run_inspect(model_choice: str, model_text: str, trust_remote_code: bool, pre
     model = (model_text or "").strip() or (model_choice or "").strip()
     try:
         a = backend.inspect(model, bool(trust_remote_code))
-    except ValueError as e:
-        raise gr.Error(f"Cannot inspect {model!r}: {e}") from None
+    except ValueError as e:  # the whole message, and the previous model's anatomy and modules cleared
+        return warn(f"Cannot inspect {model!r}: {e}"), gr.update(choices=[], value=[]), None
     chosen = preset_kinds(a, preset) if preset else []
     return anatomy_markdown(a), gr.update(choices=kind_choices(a), value=chosen), a
 
@@ -206,7 +207,7 @@ def quant_problems(quant: str, doctor: Mapping[str, Any] | None) -> list[str]:
 
 def check_quant(quant: str, doctor: Mapping[str, Any] | None) -> str:
     for p in quant_problems(quant, doctor):
-        gr.Warning(p)
+        warn(p)
         return "none"
     return quant
 
@@ -238,13 +239,18 @@ def dataset_choices(home: Path, data_dirs: Sequence[Path] = ()) -> list[tuple[st
 
 
 def upload_dataset(path: str | None, *, home: Path):
-    """Upload button → the dataset dropdown, now holding and showing the stored copy."""
+    """Upload button → the dataset dropdown, now holding and showing the stored copy.
+
+    Only a file Gradio received from the browser (inside its upload folder) is accepted, whatever path a
+    client posts; it is moved into the data home, so no copy stays in Gradio's temp folder."""
     if not path:
         return gr.skip()
+    from gradio.utils import get_upload_folder
+
     try:
-        dest = save_upload(path, home)
-    except ValueError as e:
-        raise gr.Error(str(e)) from None
+        dest = save_upload(path, home, inside=Path(get_upload_folder()), move=True)
+    except (ValueError, OSError) as e:
+        raise refuse(str(e)) from None
     gr.Info(f"Stored as {dest.name} in the data home")
     return gr.update(choices=dataset_choices(home), value=str(dest))
 
@@ -283,8 +289,8 @@ def preview_dataset(
             val_split=float(val_split if val_split is not None else 0.1),
             seed=int(seed if seed is not None else 42),
         )
-    except ValueError as e:
-        raise gr.Error(f"Cannot preview: {e}") from None
+    except ValueError as e:  # the previous preview goes: it described another dataset or model
+        return warn(f"Cannot preview: {e}"), gr.update(value="", visible=False), None
     return preview_markdown(p), gr.update(value=p["rendered_example"], visible=True), p.get("facts")
 
 
@@ -407,9 +413,11 @@ def launch_run(anatomy, preset, doctor, *values, runner, store, backend=None):
     where = f"queue position {pos}" if pos else str(store.get_run(run_id).status)
     data = report.get("data") if backend is not None else None
     warning = truncation_warning(data, cfg.train.max_seq_len) if data else None
+    followed = followed_after_launch(store, run_id)  # a running run stays in view (and Cancel targets it)
+    also = f"; the live view stays on the running run #{followed}" if followed != run_id else ""
     return (
-        f"Run **#{run_id}** launched ({where})." + (f"  \n⚠ {warning}" if warning else ""),
-        gr.update(choices=run_choices(store), value=run_id),
+        f"Run **#{run_id}** launched ({where}){also}." + (f"  \n⚠ {warning}" if warning else ""),
+        gr.update(choices=run_choices(store), value=followed),
         gr.Timer(active=True),
     )
 
@@ -425,7 +433,7 @@ def engine_check(cfg: RunConfig, backend) -> dict[str, Any]:
 def prefill_form(run_id: int | None, anatomy: Mapping[str, Any] | None, *, store):
     """History's Relaunch → [every form widget..., preset, anatomy, tabs]: the run's config in the form."""
     if run_id is None:
-        raise gr.Error("Choose a run first")
+        raise refuse("Choose a run first")
     form, preset = form_from_config(store.get_run(int(run_id)).config)
     model = form["model_text"] or form["model_choice"]
     if anatomy and anatomy.get("model") == model:

@@ -51,6 +51,17 @@ from ui.train_form import (
 )
 
 PRESET_BUTTONS = (("qv", "q,v"), ("attention", "attention"), ("mlp", "MLP"), ("all-linear", "all-linear"))
+
+
+def preset_variant(preset: str, active: str) -> str:
+    return "primary" if preset == active else "secondary"
+
+
+def preset_buttons(active: str) -> list:
+    """The preset buttons, the active one highlighted (none when modules were ticked by hand)."""
+    return [gr.update(variant=preset_variant(p, active)) for p, _ in PRESET_BUTTONS]
+
+
 NUMBERS = [
     ("lr", "Learning rate", None),
     ("warmup_steps", "Warmup steps", 0),
@@ -153,16 +164,21 @@ def lora_section(f: dict[str, Any], w, doctor: Mapping[str, Any] | None) -> None
     H, HL = field_help(), field_help("lora")
     gr.Markdown("### 2 · LoRA")
     with gr.Row():
-        w.preset_btns = {p: gr.Button(label, size="sm") for p, label in PRESET_BUTTONS}
+        w.preset_btns = {
+            p: gr.Button(label, size="sm", variant=preset_variant(p, "all-linear"), elem_id=f"preset-{p}")
+            for p, label in PRESET_BUTTONS
+        }
     f["targets"] = gr.CheckboxGroup([], label="Target modules", info=HL["targets"]["help"])
     w.targets_md = gr.Markdown(targets_markdown("all-linear", []))
     with gr.Row():
         f["layers"] = gr.Textbox("", label="Layers", placeholder="all (or 0-11, 0,2,4-6)", info=HL["layers"]["help"])
-        f["r"] = gr.Slider(1, 256, HL["r"]["default"], step=1, label="Rank r", info=HL["r"]["help"])
+        # Numbers, not sliders: a slider snaps an out-of-range value (r = 0 → 1) instead of letting the
+        # form's validation refuse it with the other problems.
+        f["r"] = gr.Number(HL["r"]["default"], precision=0, label="Rank r", info=HL["r"]["help"], elem_id="lora-r")
     with gr.Row():
-        f["alpha"] = gr.Slider(1, 512, HL["alpha"]["default"], step=1, label="Alpha α", info=HL["alpha"]["help"])
-        f["dropout"] = gr.Slider(
-            0, 0.5, HL["dropout"]["default"], step=0.01, label="Dropout", info=HL["dropout"]["help"]
+        f["alpha"] = gr.Number(HL["alpha"]["default"], label="Alpha α", info=HL["alpha"]["help"], elem_id="lora-alpha")
+        f["dropout"] = gr.Number(
+            HL["dropout"]["default"], step=0.01, label="Dropout", info=HL["dropout"]["help"], elem_id="lora-dropout"
         )
     with gr.Accordion("LoRA variants: rsLoRA, DoRA, PiSSA/OLoRA, LoRA+, LoRA-FA", open=False):
         with gr.Row():
@@ -262,13 +278,21 @@ def launch_column(f: dict[str, Any], w, store) -> None:
     w.queue_md = gr.Markdown("Queue: empty.", elem_id="queue")
     with gr.Row():
         w.run_select = gr.Dropdown(run_choices(store), value=None, label="Run", scale=3, elem_id="run-select")
-        w.cancel_btn = gr.Button("Cancel", variant="stop", size="sm", scale=1)
+        w.cancel_btn = gr.Button("Cancel", variant="stop", size="sm", scale=1, elem_id="cancel-btn")
         w.resume_btn = gr.Button("Resume", size="sm", scale=1)
     w.status_md = gr.Markdown("No run yet: fill the form and press Launch.", elem_id="run-status")
-    w.action_md = gr.Markdown()
+    w.progress = gr.HTML("", elem_id="run-progress")
+    w.action_md = gr.Markdown(elem_id="run-action")
     w.loss_plot = gr.Plot(loss_figure([]), label="Loss", elem_id="loss-plot")
     w.lr_plot = gr.Plot(lr_figure([]), label="Learning rate", elem_id="lr-plot")
-    w.log_box = gr.Textbox(label="Log tail", lines=8, max_lines=12, interactive=False, elem_id="log-tail")
+    w.log_box = gr.Textbox(
+        label="Log tail (the end of train.log)",
+        lines=12,
+        max_lines=12,
+        interactive=False,
+        autoscroll=True,
+        elem_id="log-tail",
+    )
 
 
 def wire_form(f: dict[str, Any], w, home: Path, backend) -> None:
@@ -284,6 +308,7 @@ def wire_form(f: dict[str, Any], w, home: Path, backend) -> None:
             partial(apply_preset, p), [w.anatomy], [f["targets"], w.preset], api_name=f"preset_{p.replace('-', '_')}"
         )
     f["targets"].input(clear_preset, [f["targets"]], [w.preset], api_name=False)
+    w.preset.change(preset_buttons, [w.preset], list(w.preset_btns.values()), api_name=False, show_progress="hidden")
     gr.on(
         [w.preset.change, f["targets"].change],
         targets_markdown,
@@ -327,7 +352,18 @@ def wire_launch(f: dict[str, Any], w, store, runner, backend=None) -> None:
     w.timer.tick(
         partial(poll_run, store=store, runner=runner),
         [w.run_select, w.cursor, w.series],
-        [w.cursor, w.series, w.status_md, w.loss_plot, w.lr_plot, w.log_box, w.queue_md, w.timer],
+        [
+            w.cursor,
+            w.series,
+            w.status_md,
+            w.loss_plot,
+            w.lr_plot,
+            w.log_box,
+            w.queue_md,
+            w.timer,
+            w.progress,
+            w.run_select,
+        ],
         api_name="poll",
         show_progress="hidden",
     )

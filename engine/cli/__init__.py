@@ -20,6 +20,7 @@ import os
 import sys
 
 from engine.cli import chat, check, hub, insight, model, queue, train
+from engine.cli.common import fail, internal_error, is_user_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -62,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         args.app_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except Exception as e:  # every command: bad input is one line, a bug's traceback goes to the log
+        if is_user_error(e):
+            return fail(str(e))
+        return internal_error(args, e)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,12 @@ def register(sub) -> None:
     e.add_argument("--merged", metavar="OUT_DIR", help="save base + adapter merged (merge_and_unload) here")
     e.add_argument("--zip", metavar="OUT.zip", help="write the adapter folder (with a model card) as a zip")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"], help="merged weights' dtype")
-    e.add_argument("--force", action="store_true", help="replace OUT_DIR (or the GGUF and its Modelfile) if it exists")
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT_DIR if it holds an earlier merged export of LoRA Lab (never other files), or the GGUF "
+        "and its Modelfile",
+    )
     add_gguf_arguments(e)
     e.set_defaults(fn=cmd_export)
 

@@ -107,18 +107,23 @@ def cmd_doctor(args) -> int:
 def cmd_estimate(args) -> int:
     """Parameter count and memory estimate of a run config (module shapes from inspect, no weights read)."""
     from engine.core import estimate as E
-    from engine.ml.model import inspect_model
+    from engine.ml.model import bf16_capable, inspect_model, pick_device
 
     try:
         cfg = RunConfig.from_file(args.config)
+        here = pick_device()
+        # the trainer's own rules (E.estimate → anatomy.resolve_dtype): fp16 on a CPU is refused by both
+        device = args.device or here.type
+        bf16 = bf16_capable(here) if device == here.type else True
         anatomy = inspect_model(cfg.model, home_of(args), trust_remote_code=cfg.trust_remote_code)
         facts = None if args.worst_case else data_facts(cfg, home_of(args))
-        est = E.estimate(anatomy, cfg, device=args.device, data=facts)
+        est = E.estimate(anatomy, cfg, device=device, bf16_capable=bf16, data=facts)
     except ConfigError as e:
         return fail(str(e))
     except ValueError as e:  # DatasetError: the data could not be read
         return fail(f"{e} (or estimate without the data: --worst-case)")
-    worst = E.estimate(anatomy, cfg, device=args.device) if facts is not None else est
+    args.device = device
+    worst = E.estimate(anatomy, cfg, device=device, bf16_capable=bf16) if facts is not None else est
     fits = E.fits(est)
     tips = E.suggestions(anatomy, cfg, est, args.budget_gb, data=facts) if args.budget_gb else []
     if args.json:
@@ -185,7 +190,9 @@ def register(sub) -> None:
 
     e = sub.add_parser("estimate", help="trainable parameters and memory estimate of a run config")
     e.add_argument("config", help="YAML or JSON run config")
-    e.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="estimate for this device")
+    e.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None, help="estimate for this device (default: this machine's)"
+    )
     e.add_argument("--budget-gb", type=float, help="suggest changes that fit this much memory")
     e.add_argument(
         "--worst-case", action="store_true", help="do not read the dataset: every micro-batch batch_size × max_seq_len"

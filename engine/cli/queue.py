@@ -33,9 +33,12 @@ def cmd_submit(args) -> int:
         run_id = runner.submit(
             cfg, name=args.name, est_mem_gb=est.get("total_gb"), trainable_params=est.get("trainable_params")
         )
-    except ConfigError as e:
+    except ConfigError as e:  # one problem: one line; several: a count, then one line each
         n = len(e.problems)
-        return fail(f"not queued: {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {p}" for p in e.problems))
+        return fail(
+            "not queued: "
+            + (e.problems[0] if n == 1 else f"{n} problems:\n" + "\n".join(f"  - {p}" for p in e.problems))
+        )
     except DiskSpaceError as e:
         return fail(str(e))
     pos = runner.store.queue_position(run_id)

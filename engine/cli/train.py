@@ -9,9 +9,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from engine.cli.common import fail, home_of, open_store, say
+from engine.cli.common import fail, home_of, is_user_error, log_traceback, open_store, say
 from engine.core.config import ConfigError, RunConfig
 from engine.core.home import run_dir
+from engine.core.procs import this_host
 from engine.core.runs import CONFIG_NAME
 
 
@@ -50,20 +51,36 @@ class ProgressSink:
 
 def explain_failure(e: BaseException) -> str:
     """Known failures → the cause and the fix (torchtune/h2o style); anything else → type and message."""
-    from engine.ml.data import DatasetError
-    from engine.ml.model import ModelError
-
     name = type(e).__name__
-    if isinstance(e, (ConfigError, DatasetError, ModelError, FileNotFoundError)):
+    if is_user_error(e):
         return str(e)
     if name == "OutOfMemoryError" or isinstance(e, MemoryError) or "out of memory" in str(e).lower():
         return (
             f"out of memory ({name}): lower train.batch_size or train.max_seq_len, raise train.grad_accum to "
             "keep the effective batch, turn on train.gradient_checkpointing, or use quant: 4bit"
         )
-    if name == "TrainingDiverged":
-        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
     return f"{name}: {e}"
+
+
+def record_failure(args, store, run_id: int, e: BaseException) -> int:
+    """The run ends `failed` with one line; a real bug's traceback goes to the log (train.log when queued)."""
+    from storage import RunStatus
+
+    msg = explain_failure(e)
+    if not (is_user_error(e) or isinstance(e, KeyboardInterrupt) or msg.startswith("out of memory")):
+        if sys.stderr.isatty():  # a foreground run: keep the terminal to one line, the traceback in the log
+            where = log_traceback(args, e)
+            msg += f" (traceback in {where})" if where else ""
+        else:  # the queue's child: stderr is runs/<id>/train.log
+            traceback.print_exc()
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    try:
+        store.finish(run_id, RunStatus.FAILED, error=msg, exit_code=1)
+    except Exception as db:  # the disk or database is gone: the parent (or reconcile) records the exit
+        print(f"error: could not record the failure in the database: {type(db).__name__}: {db}", file=sys.stderr)
+    return 1
 
 
 def cmd_train(args) -> int:
@@ -89,6 +106,7 @@ def cmd_train(args) -> int:
     if not store.mark_running(run_id, os.getpid()):  # cancelled (or ended) while this process was starting
         say(f"run {run_id} is already {store.get_run(run_id).status.value}; not training")
         return 1
+    store.update_run(run_id, summary={"host": this_host()})  # a scheduler on this host may reconcile it
 
     stop = {"flag": False}
 
@@ -108,12 +126,7 @@ def cmd_train(args) -> int:
 
         result = train(cfg, out, sink, lambda: stop["flag"], resume_from=resume, home=home)
     except BaseException as e:  # record every ending, then let the exit code speak
-        msg = explain_failure(e)
-        if not isinstance(e, (ConfigError, ValueError, KeyboardInterrupt)):
-            traceback.print_exc()
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        store.finish(run_id, RunStatus.FAILED, error=msg, exit_code=1)
-        return 1
+        return record_failure(args, store, run_id, e)
     status = RunStatus.CANCELLED if result.status == "cancelled" else RunStatus.SUCCEEDED
     store.finish(run_id, status, exit_code=0)
     val = f", val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ INITS = ("gaussian", "pissa", "olora")
 SCHEDULERS = ("cosine", "linear", "constant")
 DATASET_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 TRAIN_ON = ("responses", "all")
+MAX_LAYER = 100_000  # no model has more layers; a range beyond it is a typo, not a list to build
 
 
 class ConfigError(ValueError):
@@ -43,9 +46,10 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         n = len(self.problems)
-        super().__init__(
-            f"config has {n} problem{'s' if n != 1 else ''}:\n" + "\n".join(f"  - {p}" for p in self.problems)
-        )
+        if n == 1:  # one line: the field, the bad value and the fix
+            super().__init__(self.problems[0])
+            return
+        super().__init__(f"config has {n} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -205,7 +209,8 @@ class TrainSpec:
     threads: int = field(
         default=0,
         metadata=_help(
-            "CPU threads for torch (0 = auto: all cores when the machine is idle, 1 when other work is running)."
+            "CPU threads for torch (0 = auto: all cores when the machine is idle, 1 when other work is running); "
+            "at most this machine's cores."
         ),
     )
 
@@ -325,22 +330,14 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Self:
+        """Read a YAML or JSON file (engine.core.config_file: size, encoding, depth and YAML alias limits)."""
         p = Path(path)
         if not p.is_file():
-            raise ConfigError([f"config file {str(p)!r} does not exist"])
-        text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml  # lazy: PyYAML comes with transformers; only file loading needs it
+            what = "is a folder, not a YAML or JSON file" if p.is_dir() else "does not exist"
+            raise ConfigError([f"config file {str(p)!r} {what}"])
+        from engine.core.config_file import read_config_file
 
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError([f"{p}: not valid JSON at line {e.lineno}: {e.msg}"]) from None
+        data = read_config_file(p)
         if not isinstance(data, dict):
             raise ConfigError([f"{p}: top level must be a mapping of fields, got {type(data).__name__}"])
         return cls.from_dict(data)
@@ -364,7 +361,7 @@ class _Problems(list):
 
     def need(self, ok: bool, name: str, value: Any, allowed: str) -> None:
         if not ok:
-            self.append(f"{name} = {value!r}: {allowed}")
+            self.append(f"{name} = {shown(value)}: {allowed}")
 
 
 def validate(cfg: RunConfig) -> list[str]:
@@ -372,6 +369,8 @@ def validate(cfg: RunConfig) -> list[str]:
     p = _Problems()
     lo, tr = cfg.lora, cfg.train
     p.need(bool(cfg.model.strip()), "model", cfg.model, f"give a hub id, a local folder or {EMBEDDED_MODEL!r}")
+    if cfg.model.startswith("embedded:"):
+        p.need(cfg.model == EMBEDDED_MODEL, "model", cfg.model, f"the one embedded model is {EMBEDDED_MODEL!r}")
     p.need(
         bool(cfg.dataset.strip()), "dataset", cfg.dataset, f"give a file path or one of {', '.join(BUILTIN_DATASETS)}"
     )
@@ -418,11 +417,11 @@ def _validate_lora(cfg: RunConfig, p: _Problems) -> None:
         )
     presets = [t for t in lo.targets if t in TARGET_PRESETS]
     if presets and len(lo.targets) > 1 and len(presets) != len(lo.targets):
-        p.append(f"lora.targets = {list(lo.targets)!r}: mix of presets and names; use one preset or only names")
+        p.append(f"lora.targets = {shown(list(lo.targets))}: mix of presets and names; use one preset or only names")
     for i in lo.layers:
-        p.need(i >= 0, "lora.layers", i, "layer indices start at 0")
+        p.need(0 <= i <= MAX_LAYER, "lora.layers", i, f"layer indices are 0–{MAX_LAYER}")
     p.need(
-        lo.loraplus_lr_ratio == 0 or lo.loraplus_lr_ratio >= 1,
+        lo.loraplus_lr_ratio == 0 or (math.isfinite(lo.loraplus_lr_ratio) and lo.loraplus_lr_ratio >= 1),
         "lora.loraplus_lr_ratio",
         lo.loraplus_lr_ratio,
         "0 (off) or ≥ 1 (LoRA+ paper: ~16)",
@@ -431,11 +430,13 @@ def _validate_lora(cfg: RunConfig, p: _Problems) -> None:
         p.append("lora.use_dora with quant = '8bit': peft's DoRA does not support 8-bit layers; use 4bit or none")
     if lo.init != "gaussian" and cfg.quant != "none":
         p.append(
-            f"lora.init = {lo.init!r} with quant = {cfg.quant!r}: PiSSA/OLoRA need the full-precision weight "
+            f"lora.init = {shown(lo.init)} with quant = {shown(cfg.quant)}: PiSSA/OLoRA need the full-precision weight "
             "to factorise; use quant none or init gaussian"
         )
     if lo.freeze_A and lo.init != "gaussian":
-        p.append(f"lora.freeze_A with init = {lo.init!r}: LoRA-FA keeps A as a random projection; use init gaussian")
+        p.append(
+            f"lora.freeze_A with init = {shown(lo.init)}: LoRA-FA keeps A as a random projection; use init gaussian"
+        )
 
 
 def _validate_train(tr: TrainSpec, p: _Problems) -> None:
@@ -457,7 +458,20 @@ def _validate_train(tr: TrainSpec, p: _Problems) -> None:
     p.need(tr.eval_every >= 1, "train.eval_every", tr.eval_every, "must be ≥ 1")
     p.need(tr.save_every >= 0, "train.save_every", tr.save_every, "must be ≥ 0 (0 = only at the end)")
     p.need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be ≥ 1")
-    p.need(tr.threads >= 0, "train.threads", tr.threads, "must be ≥ 0 (0 = auto)")
+    cores = os.cpu_count() or 1
+    p.need(0 <= tr.threads <= cores, "train.threads", tr.threads, f"must be 0 (auto) to {cores} (this machine's cores)")
+    p.need(0 <= tr.seed < 2**32, "train.seed", tr.seed, "must be 0 to 2³²−1")
+
+
+# ---- messages ----------------------------------------------------------------------------------
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 6, 6, 2
+
+
+def shown(value: Any) -> str:
+    """A value as it appears in a message: repr, cut short (never the whole of a huge or nested value)."""
+    return _SHORT.repr(value)
 
 
 # ---- helpers for from_dict ---------------------------------------------------------------------
@@ -466,7 +480,7 @@ def _validate_train(tr: TrainSpec, p: _Problems) -> None:
 def _section(d: Mapping[str, Any], key: str, problems: list[str]) -> Mapping[str, Any]:
     v = d.get(key) or {}
     if not isinstance(v, Mapping):
-        problems.append(f"{key} = {v!r}: must be a mapping of {key} fields")
+        problems.append(f"{key} = {shown(v)}: must be a mapping of {key} fields")
         return {}
     return v
 
@@ -482,8 +496,10 @@ def parse_layers(value: Any) -> tuple[int, ...]:
         for part in value.replace(" ", "").split(","):
             m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
             if not m:
-                raise ValueError(f"cannot read {part!r}; write layers like '0-11' or '0,2,4-6'")
+                raise ValueError(f"cannot read {shown(part)}; write layers like '0-11' or '0,2,4-6'")
             a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+            if b > MAX_LAYER:
+                raise ValueError(f"layer {b} in {part[:40]!r}: layer indices are 0–{MAX_LAYER}")
             if b < a:
                 raise ValueError(f"range {part!r} runs backwards; write it as '{b}-{a}'")
             out.extend(range(a, b + 1))
@@ -503,7 +519,7 @@ def _coerce_fields(
         if key not in fields and key not in skip:
             near = [n for n in fields if n.startswith(str(key)[:3])]
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            problems.append(f"{prefix}{key}: unknown field{hint}; known: {', '.join(fields)}")
+            problems.append(f"{prefix}{str(key)[:80]}: unknown field{hint}; known: {', '.join(fields)}")
     for name, f in fields.items():
         if name not in d:
             continue
@@ -511,8 +527,8 @@ def _coerce_fields(
         where = f"{prefix}{name}"
         try:
             out[name] = _coerce(v, kind, name)
-        except (TypeError, ValueError) as e:
-            problems.append(f"{where} = {v!r}: {e}")
+        except (TypeError, ValueError, OverflowError) as e:
+            problems.append(f"{where} = {shown(v)}: {e}")
     return out
 
 
@@ -527,9 +543,17 @@ def _coerce(v: Any, kind: str, name: str) -> Any:
     if kind == "int":
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise TypeError("must be an integer")
+        if isinstance(v, str):  # "8" or "8.0" from a form; never "8.5" silently cut to 8
+            try:
+                return int(v.strip())
+            except ValueError:
+                try:
+                    v = float(v)
+                except ValueError:
+                    raise TypeError("must be an integer") from None
         if isinstance(v, float) and not v.is_integer():
             raise TypeError("must be a whole number")
-        return int(float(v)) if isinstance(v, str) else int(v)
+        return int(v)
     if kind == "float":
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise TypeError("must be a number")

@@ -36,6 +36,59 @@ class ExportError(RuntimeError):
     """An export that cannot be done; the message says why and what to do instead."""
 
 
+# ---- where a merged model may go ----------------------------------------------------------------------
+
+EXPORT_MARKER = "loralab-export.json"  # written into every merged folder: the files it holds are ours
+
+
+def export_files(folder: Path) -> list[str] | None:
+    """The files a LoRA Lab merged export recorded writing, or None if `folder` is not one."""
+    try:
+        files = json.loads((Path(folder) / EXPORT_MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [str(f) for f in files] if isinstance(files, list) else None
+
+
+def mark_export(folder: Path, **about: Any) -> None:
+    """Record every file in `folder` as written by this export (what a later --force may replace)."""
+    files = sorted(p.name for p in Path(folder).iterdir()) + [EXPORT_MARKER]
+    (Path(folder) / EXPORT_MARKER).write_text(json.dumps({"files": files, **about}, indent=1), encoding="utf-8")
+
+
+def check_merge_target(out: str | Path, home: str | Path, overwrite: bool = False) -> None:
+    """Refuse a merge target whose replacement could delete anything LoRA Lab did not write there.
+
+    A new or empty folder is fine. A non-empty one only with overwrite, and only if it is a merged export
+    of ours (its loralab-export.json lists every file in it, no sub-folders). Never the data home, a folder
+    holding it, or a symbolic link.
+    """
+    out, home = Path(out).expanduser(), Path(home).expanduser().resolve()
+    target = out.resolve()
+    fresh = f"choose a new folder (e.g. {home / 'exports'}/run-N-merged)"
+    if target == home or home.is_relative_to(target):
+        raise ExportError(f"{out} holds the data home {home}: merging there could replace it; {fresh}")
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; {fresh}")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder; {fresh}")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise ExportError(
+            f"{out} exists and is not empty; {fresh}, or tick 'replace an earlier merged export' (--force) "
+            "to replace a merged model LoRA Lab wrote there"
+        )
+    ours = export_files(out)
+    if ours is None:
+        raise ExportError(f"{out} is not a merged model LoRA Lab wrote (no {EXPORT_MARKER}): left alone; {fresh}")
+    foreign = [e for e in entries if e not in ours or (out / e).is_dir()]
+    if foreign:
+        shown_names = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"{out} holds files LoRA Lab did not write there ({shown_names}): left alone; {fresh}")
+
+
 # ---- the adapter of a run -----------------------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
     runner = JobRunner(store, home)          # the app and `python -m engine worker` both do this
     runner.recover()                         # after a crash: adopt live children, fail the dead ones
-    runner.start()                           # scheduler thread: starts queued runs, oldest first
+    runner.start()                           # scheduler thread: starts queued runs, oldest first, and
+                                             # every reconcile_s fails runs whose process is gone
     run_id = runner.submit(cfg)              # validated, disk-checked, written as `queued`
     runner.cancel(run_id)                    # SIGTERM → checkpoint + adapter, `cancelled`; SIGKILL after grace
     runner.resume(run_id)                    # continue a failed/cancelled run from its last checkpoint
@@ -29,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +37,8 @@ from pathlib import Path
 from engine.core.config import EMBEDDED_MODEL, RunConfig
 from engine.core.home import embedded_dir
 from engine.core.launch import DB_URL_ENV, engine_argv, spawn_engine
-from engine.core.procs import explain_exit, is_training_child, pid_alive, signal_group, tail_text
+from engine.core.procs import explain_exit, is_training_child, pid_alive, signal_group, tail_text, this_host
+from engine.core.reconcile import LAUNCH_ERROR, on_this_host, one_line, why_gone
 from engine.core.runs import CONFIG_NAME, KEEP_CHECKPOINTS, LOG_NAME, latest_checkpoint, run_folder
 from storage import RunRecord, RunStatus, Store, default_db_url
 
@@ -118,6 +119,7 @@ class JobRunner:
         python: str = sys.executable,
         max_concurrent: int = 1,
         poll_s: float = 0.5,
+        reconcile_s: float = 5.0,
         db_url: str | None = None,
         env: Mapping[str, str] | None = None,
         log: Callable[[str], None] | None = None,
@@ -125,7 +127,7 @@ class JobRunner:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent = {max_concurrent!r}: must be ≥ 1 (runs at the same time)")
         self.store, self.home = store, Path(home).expanduser().resolve()
-        self.python, self.max_concurrent, self.poll_s = python, max_concurrent, poll_s
+        self.python, self.max_concurrent, self.poll_s, self.reconcile_s = python, max_concurrent, poll_s, reconcile_s
         self.db_url, self.env = db_url, dict(env or {})
         self._say = log or (lambda msg: None)
         self._lock = threading.RLock()  # claim+launch, the dicts below, cancel's queued check
@@ -133,6 +135,10 @@ class JobRunner:
         self._adopted: dict[int, int] = {}  # run id → pid of a live child left by a previous server
         self._cancelling: set[int] = set()
         self._escalations: dict[int, threading.Thread] = {}
+        self._unrecorded: dict[int, tuple[int, bool, int]] = {}  # run id → (exit code, cancelled, pid) not yet written
+        self._launch_errors: dict[int, str] = {}  # run id → why its launch failed, when even that could not be written
+        self._suspects: set[tuple[int, int | None]] = set()  # (run id, pid) found gone by the last reconcile
+        self._last_error = ""
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -350,7 +356,7 @@ class JobRunner:
         me = os.getpid()
         for rec in self.store.list_runs(status=RunStatus.RUNNING, limit=100_000):
             with self._lock:
-                if rec.id in self._children or rec.id in self._adopted:
+                if rec.id in self._children or rec.id in self._adopted or not on_this_host(rec):
                     continue
                 owner = rec.worker_pid
                 owned_elsewhere = owner is not None and owner not in (me, rec.pid) and pid_alive(owner)
@@ -386,6 +392,8 @@ class JobRunner:
                 self._say(f"run {run_id}: failed ({ADOPTED_ERROR})")
         except KeyError:  # deleted meanwhile
             pass
+        except Exception as e:  # the database is unreachable: reconcile() ends the run once it is back
+            self._note_error(f"recording the end of adopted run {run_id}", e)
         self._wake.set()
 
     def _finish_attempt(
@@ -443,14 +451,54 @@ class JobRunner:
             time.sleep(min(0.1, self.poll_s))
 
     def _loop(self) -> None:
+        last_reconcile = 0.0
         while not self._stop.is_set():
             try:
                 self._fill()
-            except Exception:  # a locked or unreachable database must not end the scheduler: say so, retry
-                print("loralab scheduler: error while starting queued runs (retrying):", file=sys.stderr)
-                traceback.print_exc()
+            except Exception as e:  # a locked or unreachable database must not end the scheduler: say so, retry
+                self._note_error("starting queued runs", e)
+            if time.monotonic() - last_reconcile >= self.reconcile_s:
+                last_reconcile = time.monotonic()
+                try:
+                    self.reconcile()
+                    self._last_error = ""  # the database answers again: the next error is news
+                except Exception as e:
+                    self._note_error("checking running runs", e)
             self._wake.wait(self.poll_s)
             self._wake.clear()
+
+    def _note_error(self, doing: str, e: BaseException) -> None:
+        """One line on stderr per new error (a database that stays down is not repeated every poll)."""
+        line = f"loralab scheduler: error while {doing} (retrying): {one_line(e)}"
+        if line != self._last_error:
+            self._last_error = line
+            print(line, file=sys.stderr, flush=True)
+
+    def reconcile(self) -> list[int]:
+        """End `failed`, with the cause, every running run of this host whose process is gone (the scheduler
+        calls this every reconcile_s s); returns their ids. Ends not written earlier are written first, with
+        their exit status; any other run must be found gone twice in a row (its own watcher goes first)."""
+        with self._lock:
+            unrecorded = dict(self._unrecorded)
+        for run_id, (rc, cancelled, pid) in unrecorded.items():
+            self._record_or_defer(run_id, rc, cancelled, pid)
+        failed, suspects, me = [], set(), os.getpid()
+        for rec in self.store.list_runs(status=RunStatus.RUNNING, limit=100_000):
+            with self._lock:
+                if rec.id in self._children or rec.id in self._adopted or rec.id in self._unrecorded:
+                    continue
+                launch_error = self._launch_errors.pop(rec.id, None) if rec.worker_pid == me and not rec.pid else None
+            cause = LAUNCH_ERROR.format(why=launch_error) if launch_error else why_gone(rec, me=me)
+            if cause is None:
+                continue
+            if not launch_error and (rec.id, rec.pid) not in self._suspects:
+                suspects.add((rec.id, rec.pid))  # gone now; failed at the next check if still so
+                continue
+            if self._finish_attempt(rec.id, rec.pid, RunStatus.FAILED, cause + TAIL_HEADER + self.log_tail(rec.id)):
+                failed.append(rec.id)
+                self._say(f"run {rec.id}: failed ({cause})")
+        self._suspects = suspects
+        return failed
 
     def _fill(self) -> None:
         while not self._stop.is_set():
@@ -463,6 +511,32 @@ class JobRunner:
                 self._launch(rec)
 
     def _launch(self, rec: RunRecord) -> None:
+        """Start the claimed run's child. Whatever fails before the child exists ends the run `failed` with
+        that cause (a full disk, an unwritable log); nothing is left `running` without a process."""
+        try:
+            proc = self._spawn(rec)
+        except Exception as e:
+            why = str(e) if isinstance(e, OSError) else one_line(e)
+            self._say(f"run {rec.id}: failed ({LAUNCH_ERROR.format(why=why)})")
+            try:
+                self.store.finish(
+                    rec.id, RunStatus.FAILED, error=LAUNCH_ERROR.format(why=why), only_if_not_terminal=True
+                )
+            except Exception as db:  # reconcile() writes it once the database answers again
+                self._launch_errors[rec.id] = why
+                self._note_error(f"recording that run {rec.id} could not start", db)
+            return
+        self._children[rec.id] = proc
+        threading.Thread(target=self._watch, args=(rec.id, proc), daemon=True, name=f"watch-run-{rec.id}").start()
+        try:
+            if not self.store.mark_running(rec.id, proc.pid):  # cancelled between the claim and now
+                signal_group(proc.pid, signal.SIGKILL)
+            self.store.update_run(rec.id, summary={"host": this_host()})
+        except Exception as e:  # the child reports in itself; its watcher records its end
+            self._note_error(f"recording that run {rec.id} started", e)
+        self._say(f"run {rec.id}: started (pid {proc.pid}); log: {self.run_folder(rec.id, rec) / LOG_NAME}")
+
+    def _spawn(self, rec: RunRecord) -> subprocess.Popen:
         out = self.run_folder(rec.id, rec)
         out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / CONFIG_NAME
@@ -473,30 +547,16 @@ class JobRunner:
             stamp = datetime.now().astimezone().isoformat(timespec="seconds")
             log.write(f"{START_MARK}{stamp} run {rec.id} starts: {shlex.join(cmd)}\n".encode())
             log.flush()
-            try:
-                proc = spawn_engine(
-                    self.train_args(rec.id, cfg_path),
-                    home=self.home,
-                    python=self.python,
-                    db_url=self.child_db_url(),
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-            except OSError as e:
-                self.store.finish(
-                    rec.id,
-                    RunStatus.FAILED,
-                    error=f"could not start the training process: {e}",
-                    only_if_not_terminal=True,
-                )
-                return
-        self._children[rec.id] = proc
-        threading.Thread(target=self._watch, args=(rec.id, proc), daemon=True, name=f"watch-run-{rec.id}").start()
-        if not self.store.mark_running(rec.id, proc.pid):  # cancelled between the claim and now
-            signal_group(proc.pid, signal.SIGKILL)
-        self._say(f"run {rec.id}: started (pid {proc.pid}); log: {out / LOG_NAME}")
+            return spawn_engine(
+                self.train_args(rec.id, cfg_path),
+                home=self.home,
+                python=self.python,
+                db_url=self.child_db_url(),
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
 
     def _watch(self, run_id: int, proc: subprocess.Popen) -> None:
         rc = proc.wait()
@@ -504,12 +564,22 @@ class JobRunner:
             self._children.pop(run_id, None)
             cancelled = run_id in self._cancelling
             self._cancelling.discard(run_id)
+        self._record_or_defer(run_id, rc, cancelled, proc.pid)
+        self._wake.set()
+
+    def _record_or_defer(self, run_id: int, rc: int, cancelled: bool, pid: int) -> None:
+        """Record the child's end; if the database fails, keep it for reconcile() to retry (this thread ends)."""
         try:
-            self._record_exit(run_id, rc, cancelled, proc.pid)
+            self._record_exit(run_id, rc, cancelled, pid)
         except KeyError:  # the run was deleted while it ran: nothing to record
             pass
-        finally:
-            self._wake.set()
+        except Exception as e:
+            with self._lock:
+                self._unrecorded[run_id] = (rc, cancelled, pid)
+            self._note_error(f"recording the end of run {run_id}", e)
+            return
+        with self._lock:
+            self._unrecorded.pop(run_id, None)
 
     def _record_exit(self, run_id: int, rc: int, cancelled: bool, pid: int) -> None:
         rec = self.store.get_run(run_id)

@@ -51,9 +51,10 @@ def cli_error(stdout: str, stderr: str, code: int) -> str:
     except json.JSONDecodeError:
         pass
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ln.startswith("error:"):
-            return ln[len("error:") :].strip()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error:"):  # with the lines that continue it (a list of config problems)
+            more = [ln for ln in lines[i + 1 :] if ln.startswith("- ")]
+            return "\n".join([lines[i][len("error:") :].strip(), *more])
     return lines[-1] if lines else f"the engine command exited with code {code} and said nothing"
 
 

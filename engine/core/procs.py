@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 import psutil
@@ -13,6 +14,11 @@ OOM_ADVICE = (
     "most likely the machine ran out of memory (the kernel's OOM killer): lower train.batch_size or "
     "train.max_seq_len, raise train.grad_accum, use quant: 4bit or train.gradient_checkpointing"
 )
+
+
+def this_host() -> str:
+    """The name runs record as where their process lives: pids mean something only on the same host."""
+    return socket.gethostname()
 
 
 def tail_text(path: Path, max_bytes: int = 4000, max_lines: int = 40) -> str:

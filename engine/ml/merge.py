@@ -3,8 +3,10 @@ saved with the tokenizer like any model.
 
     merge("embedded:SmolLM2-135M-Instruct", "runs/3/adapter", "out/merged")
 
-A non-empty target folder is refused unless overwrite=True. The merged model is written to a temporary
-folder and renamed into place at the end, so a crash leaves no half-written model behind.
+A non-empty target folder is refused, and with overwrite=True it is replaced only if it is an earlier merged
+export of ours (engine.core.export.check_merge_target: never what we did not write, never the data home).
+The merged model is written to a fresh temporary folder and renamed into place at the end, so a crash
+leaves no half-written model behind.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from engine.core.export import ExportError
+from engine.core.export import ExportError, check_merge_target, mark_export
 from engine.core.home import data_home
 
 
@@ -38,19 +41,27 @@ def merge(
     """
     refuse_quantized(quant)
     adapter, out = Path(adapter), Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; choose a new folder (or pass --force to replace it)")
+    home = home or data_home()
+    check_merge_target(out, home, overwrite)
     merged, tok = load_merged(base, adapter, dtype=dtype, home=home, trust_remote_code=trust_remote_code)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if card is not None:
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # new: only ours to delete
+    try:
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        mark_export(tmp, base=base, adapter=str(adapter))
+        check_merge_target(out, home, overwrite)  # again: the folder may have changed while we merged
+        if out.exists():  # empty, or an earlier export of ours: set aside, then removed once the new one is in
+            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, aside)
+            os.replace(tmp, out)
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -136,7 +136,7 @@ def _offline_hint(model: str, err: Exception) -> ModelError:
     return ModelError(
         f"cannot load model {model!r}: it is not a local folder and not in the Hugging Face cache, and {why}. "
         f"Download it once where there is internet (`hf download {model}`), copy the folder here and give its "
-        f"path, or use {EMBEDDED_MODEL!r}. ({type(err).__name__}: {str(err)[:200]})"
+        f"path, or use {EMBEDDED_MODEL!r}. ({type(err).__name__}: {' '.join(str(err).split())[:1000]})"
     )
 
 

@@ -2,7 +2,7 @@
 
     python -m engine train examples/quickstart.yaml          # the CLI wraps this function
 
-Phases: 1) seed, threads, device  2) model + LoRA  3) data  4) optimizer + schedule  5) resume
+Phases: 1) seed, threads, device  2) tokenizer + data  3) model + LoRA  4) optimizer + schedule  5) resume
         6) loop: accumulate → clip → step → log → eval → checkpoint  7) adapter, spectra, summary
 
 The loop knows nothing of SQLite, Gradio or subprocesses: it reports through a MetricsSink and stops
@@ -31,6 +31,7 @@ from engine.core.batching import total_steps as run_steps
 from engine.core.config import RunConfig
 from engine.core.events import MetricsSink, NullSink
 from engine.core.home import data_home
+from engine.ml import checkpoint as C
 from engine.ml import data as D
 from engine.ml import model as M
 
@@ -85,13 +86,14 @@ def pick_threads(requested: int) -> int:
     """0 = auto: every core on an idle machine, one thread when something else is busy.
 
     Two torch threads collapse to a third of their speed when the other core is busy (stack-notes.md);
-    one thread holds up. LORALAB_TRAIN_THREADS overrides.
+    one thread holds up. LORALAB_TRAIN_THREADS overrides. Never more than the cores.
     """
-    if os.environ.get("LORALAB_TRAIN_THREADS"):
-        return max(1, int(os.environ["LORALAB_TRAIN_THREADS"]))
-    if requested:
-        return requested
     cores = os.cpu_count() or 1
+    env = os.environ.get("LORALAB_TRAIN_THREADS", "").strip()
+    if env.isdigit():
+        return max(1, min(int(env), cores))
+    if requested:
+        return min(requested, cores)  # more threads than cores only slows torch down (and 10⁵ crash it)
     busy = os.getloadavg()[0] >= 0.75 * max(1, cores - 1) if hasattr(os, "getloadavg") else False
     return 1 if busy else cores
 
@@ -132,15 +134,24 @@ def train(
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     device = M.pick_device()
+    dtype = M.compute_dtype(cfg, device)  # refuses fp16 on a CPU before any weights are read
     if device.type == "cpu":
         torch.set_num_threads(pick_threads(cfg.train.threads))
     else:
         torch.cuda.reset_peak_memory_stats()
     rss_base = rss_gb()  # CPU memory is reported as growth of peak RSS over this baseline
 
-    # 2) model + LoRA -------------------------------------------------------------------------
+    # 2) tokenizer and data, before any weights: a bad model path or data file fails at once --------
     ref = M.resolve_model(cfg.model, home)
     tok = M.load_tokenizer(ref, cfg.trust_remote_code)
+    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "datasets")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tr = cfg.train
+    micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
+    steps_per_epoch = max(1, micro_per_epoch // tr.grad_accum)
+    total_steps = run_steps(len(prep.train), tr)
+
+    # 3) model + LoRA -------------------------------------------------------------------------
     base = M.load_base_model(ref, cfg, device)
     modules = M.describe(base)
     model = M.attach_lora(base, cfg, modules, model_name=cfg.model)
@@ -155,16 +166,7 @@ def train(
         model.peft_config["default"].init_lora_weights = True
         model.save_pretrained(out_dir / "init_adapter")
         model.peft_config["default"].init_lora_weights = cfg.lora.init
-    dtype = M.compute_dtype(cfg, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and cfg.quant == "none")
-
-    # 3) data -----------------------------------------------------------------------------------
-    prep = D.prepare(cfg, tok, cache_dir=home / "cache" / "datasets")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    tr = cfg.train
-    micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // tr.grad_accum)
-    total_steps = run_steps(len(prep.train), tr)
 
     # 4) optimizer + schedule ----------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,9 +194,12 @@ def train(
     # 5) resume -----------------------------------------------------------------------------------
     step, tokens_seen, best_val, elapsed_before = 0, 0, None, 0.0
     if resume_from:
-        state = load_checkpoint(Path(resume_from), model, opt, sched)
+        # verified first; a damaged newest checkpoint falls back to the one before it, saying so
+        state, used, skipped = C.resume(Path(resume_from), model, opt, sched)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val, elapsed_before = state.get("best_val_loss"), state.get("elapsed_s", 0.0)
+        if skipped:
+            sink.set_summary(summary={"resumed_from": str(used), "resume_skipped": skipped})
     est = estimate_memory(cfg, home, device, prep.facts(cfg))
     sink.set_summary(
         total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device), est_mem_gb=est
@@ -277,7 +282,7 @@ def train(
             best_val = last_val if best_val is None else min(best_val, last_val)
             sink.log(step, {"val/loss": last_val})
         if tr.save_every and step % tr.save_every == 0 and step < total_steps:
-            ckpt = save_checkpoint(
+            ckpt = C.save_checkpoint(
                 out_dir,
                 model,
                 opt,
@@ -293,7 +298,7 @@ def train(
 
     # 7) adapter, spectra, summary ---------------------------------------------------------------------
     elapsed = elapsed_before + time.time() - t_start
-    ckpt = save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=R.KEEP_CHECKPOINTS)
+    ckpt = C.save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=R.KEEP_CHECKPOINTS)
     adapter_dir = save_adapter(model, tok, out_dir, cfg)
     extra = {
         **prep.stats(),
@@ -448,73 +453,14 @@ def save_adapter(model, tok, out_dir: Path, cfg: RunConfig) -> Path:
     """Standard PEFT folder (adapter_config.json + adapter_model.safetensors) plus the tokenizer."""
     target = out_dir / R.ADAPTER_DIRNAME
     tmp = out_dir / f"{R.ADAPTER_DIRNAME}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.lora.init != "gaussian":
-        # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
-        model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"))
-    else:
-        model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "loralab.json").write_text(json.dumps({"run_config": cfg.to_dict()}, indent=2))
+    with C.writing(tmp, "the adapter", C.folder_bytes(target)):
+        if cfg.lora.init != "gaussian":
+            # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"))
+        else:
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "loralab.json").write_text(json.dumps({"run_config": cfg.to_dict()}, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def save_checkpoint(
-    out_dir: Path,
-    model,
-    opt,
-    sched,
-    step: int,
-    tokens_seen: int,
-    best_val: float | None,
-    elapsed_s: float,
-    keep: int = R.KEEP_CHECKPOINTS,
-) -> Path:
-    """Adapter + optimizer + scheduler + step + RNG, written to a temp folder and renamed (crash-safe)."""
-    root = out_dir / R.CHECKPOINTS_DIRNAME
-    root.mkdir(exist_ok=True)
-    target = root / R.checkpoint_name(step)
-    tmp = root / f".tmp-{R.checkpoint_name(step)}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(
-        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()}, tmp / "trainer.pt"
-    )
-    (tmp / R.TRAINER_STATE).write_text(
-        json.dumps({"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed_s})
-    )
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    for old in sorted(root.glob(f"{R.CHECKPOINT_PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_checkpoint(path: Path, model, opt, sched) -> dict[str, Any]:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    if not (path / R.TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"{path} is not a checkpoint (no trainer_state.json); pick a runs/<id>/checkpoints/step-* folder"
-        )
-    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-    blob = torch.load(path / "trainer.pt", weights_only=False)
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    rng = blob["rng"]
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / R.TRAINER_STATE).read_text())
