@@ -478,7 +478,7 @@ def test_logits_term_counts_the_tensors_alive_in_log_softmax_backward(dtype, pac
     import torch
 
     from engine.ml import data as D
-    from engine.ml.train import token_losses
+    from engine.ml.steps import token_losses
 
     B, T = 2, 48
     cfg = make_cfg(
@@ -530,7 +530,7 @@ def test_packed_rows_keep_what_the_estimate_says(top, lengths, act_llama_dir, an
     import torch
 
     from engine.ml import data as D
-    from engine.ml.train import token_losses
+    from engine.ml.steps import token_losses
 
     top = dict(top)
     T = 32
@@ -560,7 +560,7 @@ def test_peak_of_a_training_step_matches_live_tensor_bytes(train, lora, vocab_ll
     live tensor: the peak equals weights + LoRA + kept activations + the larger moment (the loss's
     tensors, or the last block's gradients, workspace and recomputed block). No optimizer step yet."""
     from engine.ml import data as D
-    from engine.ml.train import token_losses
+    from engine.ml.steps import token_losses
 
     T = 64
     train = {"batch_size": 3, "max_seq_len": T, **train}
@@ -583,7 +583,7 @@ def test_start_up_packing_check_is_counted_when_it_exceeds_the_step(vocab_llama_
     its logits outweigh the step's, and the estimate's allocated bytes follow it."""
     import torch
 
-    from engine.ml.train import packing_agrees
+    from engine.ml.steps import packing_agrees
 
     T = 64
     cfg = make_cfg(

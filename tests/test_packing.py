@@ -6,7 +6,7 @@ import torch
 from engine.core.config import RunConfig
 from engine.ml.data import IGNORE, Example, collate, collate_packed, pack_rows, prepare
 from engine.ml.model import attach_lora, load_base_model, load_tokenizer, pick_device
-from engine.ml.train import packing_agrees, token_losses
+from engine.ml.steps import packing_agrees, token_losses
 
 
 def _examples(tok, data, n=6):

@@ -173,7 +173,7 @@ def test_peak_rss_is_this_process_not_its_parent(tmp_path):
         "import os, subprocess, sys\n"
         "hog = bytearray(600 * 2**20)\n"  # the parent holds 600 MB
         "for i in range(0, len(hog), 4096): hog[i] = 1\n"
-        "out = subprocess.run([sys.executable, '-c', 'from engine.ml.train import peak_rss_gb; print(peak_rss_gb())'],"
+        "out = subprocess.run([sys.executable, '-c', 'from engine.ml.resources import peak_rss_gb; print(peak_rss_gb())'],"
         " capture_output=True, text=True, cwd=sys.argv[1]).stdout\n"
         "print(out)\n"
     )

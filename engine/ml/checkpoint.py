@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from engine.core import runs as R
+from engine.core.config import RunConfig
 
 TRAINER_BLOB = "trainer.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -240,3 +241,21 @@ def resume(
     raise CheckpointError(
         f"cannot resume from {path}: " + " / ".join(skipped) + ". Submit the run again to start from step 0."
     )
+
+
+def save_adapter(model, tok, out_dir: Path, cfg: RunConfig, name: str = R.ADAPTER_DIRNAME) -> Path:
+    """Standard PEFT folder out_dir/name (adapter_config.json + adapter_model.safetensors) plus the tokenizer,
+    written to a temporary folder and renamed into place."""
+    target = out_dir / name
+    tmp = out_dir / f"{name}.tmp"
+    with writing(tmp, "the adapter", folder_bytes(target)):
+        if cfg.lora.init != "gaussian":
+            # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"))
+        else:
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "loralab.json").write_text(json.dumps({"run_config": cfg.to_dict()}, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target

@@ -11,12 +11,8 @@ when should_stop() says so (the CLI wires that to SIGTERM), saving a checkpoint 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import resource
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +30,9 @@ from engine.core.home import data_home
 from engine.ml import checkpoint as C
 from engine.ml import data as D
 from engine.ml import model as M
+from engine.ml.hooks import TrainState, build_hooks
+from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
+from engine.ml.steps import evaluate, packing_agrees, token_losses
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,40 +79,6 @@ def make_scheduler(opt, cfg: RunConfig, total_steps: int):
         num_training_steps=total_steps,
         scheduler_specific_kwargs=kwargs or None,
     )
-
-
-def pick_threads(requested: int) -> int:
-    """0 = auto: every core on an idle machine, one thread when something else is busy.
-
-    Two torch threads collapse to a third of their speed when the other core is busy (stack-notes.md);
-    one thread holds up. LORALAB_TRAIN_THREADS overrides. Never more than the cores.
-    """
-    cores = os.cpu_count() or 1
-    env = os.environ.get("LORALAB_TRAIN_THREADS", "").strip()
-    if env.isdigit():
-        return max(1, min(int(env), cores))
-    if requested:
-        return min(requested, cores)  # more threads than cores only slows torch down (and 10⁵ crash it)
-    busy = os.getloadavg()[0] >= 0.75 * max(1, cores - 1) if hasattr(os, "getloadavg") else False
-    return 1 if busy else cores
-
-
-def rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def peak_rss_gb() -> float:
-    """This process's own high-water RSS. Not getrusage's ru_maxrss: Linux carries that over fork and
-    execve, so a job launched by a 1 GB server would report at least 1 GB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # non-Linux fallback (KiB on Linux)
 
 
 def train(
@@ -170,25 +135,7 @@ def train(
 
     # 4) optimizer + schedule ----------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    if cfg.lora.freeze_A:
-        from peft.optimizers import create_lorafa_optimizer
-
-        opt = create_lorafa_optimizer(
-            model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lr=tr.lr, weight_decay=tr.weight_decay
-        )
-    elif cfg.lora.loraplus_lr_ratio:
-        from peft.optimizers import create_loraplus_optimizer
-
-        opt = create_loraplus_optimizer(
-            model,
-            torch.optim.AdamW,
-            lr=tr.lr,
-            loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
-            weight_decay=tr.weight_decay,
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, fused=fused)
+    opt = make_optimizer(model, params, cfg, device)
     sched = make_scheduler(opt, cfg, total_steps)
 
     # 5) resume -----------------------------------------------------------------------------------
@@ -216,6 +163,24 @@ def train(
     batches = D.micro_batches(len(prep.train), tr.batch_size, tr.seed)
     for _ in range(step * tr.grad_accum):  # skip what was already trained; the order is a pure function
         next(batches)
+    hooks = build_hooks(cfg)
+    state = TrainState(
+        cfg,
+        model,
+        opt,
+        sched,
+        tok,
+        prep,
+        out_dir,
+        sink,
+        device,
+        total_steps,
+        step=step,
+        evaluate=lambda: evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len),
+        save_adapter=lambda name: C.save_adapter(model, tok, out_dir, cfg, name),
+    )
+    for h in hooks:
+        h.on_start(state)
 
     # 6) the loop ---------------------------------------------------------------------------------
     model.train()
@@ -236,6 +201,9 @@ def train(
                 # Sum of per-token losses / target tokens of the whole step: every token weighs the same,
                 # however the step's examples are split into micro-batches.
                 loss = token_losses(model, batch, fast=packed).sum() / n_label
+                for term in (h.loss_term(state) for h in hooks):
+                    if term is not None:
+                        loss = loss + term / tr.grad_accum
             loss.backward()
             loss_acc += loss.detach()
             step_slots += batch["input_ids"].numel()
@@ -248,6 +216,9 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        state.step = step
+        for h in hooks:
+            h.after_step(state)
 
         if step % tr.log_every == 0 or step == total_steps:
             last_loss, gn = float(loss_acc), float(grad_norm)  # the one host sync of the step
@@ -278,9 +249,11 @@ def train(
         loss_acc.zero_()
 
         if prep.val and (step % tr.eval_every == 0 or step == total_steps):
-            last_val = evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len)
+            last_val = state.evaluate()
             best_val = last_val if best_val is None else min(best_val, last_val)
             sink.log(step, {"val/loss": last_val})
+            for h in hooks:
+                h.after_eval(state, last_val)
         if tr.save_every and step % tr.save_every == 0 and step < total_steps:
             ckpt = C.save_checkpoint(
                 out_dir,
@@ -295,17 +268,23 @@ def train(
             )
             log_spectra(sink, step, model, reference)  # how the spectrum evolves, checkpoint by checkpoint
             sink.log(step, {"checkpoint": step})
+        if state.stop_reason:  # a hook ended the run (e.g. early stopping): saved below like any ending
+            break
 
     # 7) adapter, spectra, summary ---------------------------------------------------------------------
+    for h in hooks:
+        h.on_end(state)
     elapsed = elapsed_before + time.time() - t_start
     ckpt = C.save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=R.KEEP_CHECKPOINTS)
-    adapter_dir = save_adapter(model, tok, out_dir, cfg)
+    adapter_dir = C.save_adapter(model, tok, out_dir, cfg)
     extra = {
         **prep.stats(),
         "train_examples": len(prep.train),
         "val_examples": len(prep.val),
         "data_fingerprint": prep.fingerprint,
         "packing": packed,
+        **({"stopped": state.stop_reason} if state.stop_reason else {}),
+        **state.summary,
     }
     log_spectra(sink, step, model, reference)
     result = TrainResult(
@@ -339,83 +318,26 @@ def train(
     return result
 
 
-@torch.no_grad()
-def evaluate(
-    model,
-    examples: list[D.Example],
-    batch_size: int,
-    pad_id: int,
-    device,
-    autocast,
-    packed: bool = False,
-    capacity: int = 512,
-) -> float:
-    """Mean per-token loss over the validation examples (dropout off)."""
-    model.eval()
-    total, n = torch.zeros((), device=device, dtype=torch.float64), 0
-    for i in range(0, len(examples), batch_size):
-        mb = examples[i : i + batch_size]
-        batch = D.collate_packed(mb, pad_id, capacity) if packed else D.collate(mb, pad_id)
-        with autocast:
-            total += token_losses(model, {k: v.to(device) for k, v in batch.items()}, fast=packed).sum()
-        n += sum(e.n_label_tokens for e in mb)
-    model.train()
-    return float(total) / max(1, n)
+def make_optimizer(model, params, cfg: RunConfig, device: torch.device):
+    """AdamW over the trainable parameters; LoRA-FA and LoRA+ through peft's own optimizer builders."""
+    tr = cfg.train
+    if cfg.lora.freeze_A:
+        from peft.optimizers import create_lorafa_optimizer
 
-
-def token_losses(model, batch: dict[str, torch.Tensor], *, fast: bool) -> torch.Tensor:
-    """Cross-entropy of every target token, shape (N,), N = number of targets in the batch.
-
-    fast: run the decoder only and apply the output head to the N positions that have a target. For a
-    response-only loss that skips the (T × vocab) logits of every prompt token: with SmolLM2's 49k
-    vocabulary the head is ~20% of the model's FLOPs. The standard path computes all logits.
-    """
-    targets = batch["targets"]
-    mask = targets != D.IGNORE  # (R, L)
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    if fast:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder = getattr(base, base.base_model_prefix)
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (R, L, H)
-        logits = base.get_output_embeddings()(hidden[mask])  # (N, V)
-    else:
-        logits = model(**inputs, use_cache=False).logits[mask]  # (N, V)
-    return torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="none")
-
-
-@torch.no_grad()
-def packing_agrees(model, examples: list[D.Example], pad_id: int, capacity: int, device, autocast) -> bool:
-    """Does the packed, head-on-targets path give the padded path's per-token losses on this model?
-
-    Checked on real examples at the start of every run (dropout off, no RNG used): a model whose
-    attention ignores restarting position ids, or whose head is more than a linear layer (logit
-    soft-capping), fails the check and trains with padding instead.
-    """
-    if not examples:
-        return False
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast:
-            ref = token_losses(model, {k: v.to(device) for k, v in D.collate(examples, pad_id).items()}, fast=False)
-            packed_batch = D.collate_packed(examples, pad_id, capacity)
-            fast = token_losses(model, {k: v.to(device) for k, v in packed_batch.items()}, fast=True)
-        # Per-token losses in packed order: undo the packing order to compare token by token.
-        order = [
-            e for row in D.pack_rows(examples, max(capacity, max(len(e.input_ids) for e in examples))) for e in row
-        ]
-        counts = [e.n_label_tokens for e in examples]
-        starts = [sum(counts[:i]) for i in range(len(examples))]
-        pos = {id(e): i for i, e in enumerate(examples)}
-        ref_in_packed_order = torch.cat(
-            [ref[starts[pos[id(e)]] : starts[pos[id(e)]] + counts[pos[id(e)]]] for e in order]
+        return create_lorafa_optimizer(
+            model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lr=tr.lr, weight_decay=tr.weight_decay
         )
-        tol = 1e-3 if ref.dtype == torch.float32 and not torch.is_autocast_enabled(device.type) else 5e-2
-        return ref.shape == fast.shape and bool(torch.allclose(fast, ref_in_packed_order, atol=tol, rtol=tol))
-    except (TypeError, AttributeError, ValueError, RuntimeError):  # the model's forward cannot take this layout
-        return False
-    finally:
-        model.train(was_training)
+    if cfg.lora.loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=tr.lr,
+            loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+            weight_decay=tr.weight_decay,
+        )
+    return torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, fused=device.type == "cuda")
 
 
 def log_spectra(sink: MetricsSink, step: int, model, reference) -> None:
@@ -440,27 +362,4 @@ def estimate_memory(cfg: RunConfig, home: Path, device: torch.device, facts: Dat
     return E.gb(est.allocated_bytes)
 
 
-def peak_mem_gb(device: torch.device, rss_base: float) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return max(0.0, peak_rss_gb() - rss_base)
-
-
 # ---- saving and resuming ------------------------------------------------------------------------
-
-
-def save_adapter(model, tok, out_dir: Path, cfg: RunConfig) -> Path:
-    """Standard PEFT folder (adapter_config.json + adapter_model.safetensors) plus the tokenizer."""
-    target = out_dir / R.ADAPTER_DIRNAME
-    tmp = out_dir / f"{R.ADAPTER_DIRNAME}.tmp"
-    with C.writing(tmp, "the adapter", C.folder_bytes(target)):
-        if cfg.lora.init != "gaussian":
-            # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
-            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"))
-        else:
-            model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "loralab.json").write_text(json.dumps({"run_config": cfg.to_dict()}, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
