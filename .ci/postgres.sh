@@ -8,6 +8,8 @@
 # (PostgreSQL refuses to run as root); otherwise as the calling user. Trust authentication on 127.0.0.1 only.
 set -euo pipefail
 PORT="${LORALAB_PG_PORT:-55432}"
+# The first port from $PORT on that nothing listens on (another cluster, an earlier run).
+while (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do PORT=$((PORT + 1)); done
 BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
 [ -n "$BIN" ] || { echo "no PostgreSQL binaries in /usr/lib/postgresql/*/bin (apt-get install postgresql)" >&2; exit 1; }
 
