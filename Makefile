@@ -5,6 +5,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 7860
+# Test processes (pytest-xdist): many tests wait on child processes, servers and the browser, so 2 workers
+# keep both cores busy; `make test TEST_WORKERS=0` runs them one at a time in one process.
+TEST_WORKERS ?= 2
 export GRADIO_ANALYTICS_ENABLED = False
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
@@ -41,10 +44,10 @@ format: install
 	$(BIN)/ruff format .
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not browser"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not browser"
 
 # Each script prints ratios measured side by side in one run (absolute times mean little on a busy machine).
 bench: install

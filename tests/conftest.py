@@ -65,7 +65,10 @@ def page():
     """A headless page in Debian's chromium, driven by Playwright."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no chromium at {CHROMIUM} (CI installs Debian's chromium with apt-get)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
+
+    # A loaded CI machine can take well over expect's 5 s default to render the app's first screen.
+    expect.set_options(timeout=30_000)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(
