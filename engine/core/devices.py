@@ -232,3 +232,41 @@ def per_device_bytes(est: Any, strategy: str, world: int, layers: int | None = N
     sharded = est.base_linear_bytes + est.lora_bytes + est.optimizer_bytes
     gathered = 2 * est.base_linear_bytes // max(1, int(layers or 1))
     return total - sharded + sharded // world + gathered
+
+
+# ---- what the Train tab offers and says ------------------------------------------------------------------------
+
+
+def device_choices(gpus: list[Gpu], cpus: int) -> list[tuple[str, str]]:
+    """(label, value) pairs of train.devices for this machine: auto, counts, and each GPU by id."""
+    if not gpus:
+        counts = range(2, max(2, min(cpus, 8)) + 1)
+        return [("auto — one process (no GPU)", "auto")] + [(f"{n} CPU processes (gloo)", str(n)) for n in counts]
+    out = [(f"auto — every free GPU ({len(gpus)})", "auto")]
+    out += [(f"{n} GPU{'s' * (n > 1)}, any free", str(n)) for n in range(1, len(gpus) + 1)]
+    out += [(f"GPU {g.index}: {g.name} ({g.total_gb:.0f} GB)", f"cuda:{g.index}") for g in gpus]
+    if len(gpus) > 1:
+        out.append((f"GPUs {','.join(str(g.index) for g in gpus)}", ",".join(str(g.index) for g in gpus)))
+    return out
+
+
+def scale_note(est: Any, tr: Any, gpus: list[Gpu], layers: int | None) -> str:
+    """One line of the estimate: the processes train.devices means here, the memory per device with the strategy,
+    or why this machine cannot run it; '' for one process with nothing to say."""
+    try:
+        req = parse_devices(tr.devices)
+    except ValueError:
+        return ""
+    world = world_here(req, gpus)
+    per_device = per_device_bytes(est, tr.strategy, world, layers) / 2**30
+    try:
+        place(req, tr.strategy, gpus, need_gb=per_device)
+    except Unplaceable as e:
+        return f"⚠ {e}"
+    if world == 1:
+        return ""
+    where = f"{world} GPUs" if gpus else f"{world} CPU processes"
+    return (
+        f"**≈ {per_device:.2f} GB per device** on {where} ({tr.strategy}); batch_size {tr.batch_size} per process: "
+        f"a step trains {world * tr.grad_accum * tr.batch_size} examples"
+    )
