@@ -64,7 +64,7 @@ def test_placement_on_two_gpus():
         place(DeviceRequest("ids", ids=(7,)), "ddp", GPUS)
     with pytest.raises(Unplaceable, match="fsdp' needs GPUs"):
         place(DeviceRequest("count", count=2), "fsdp", [])
-    with pytest.raises(Unplaceable, match="needs about 30.0 GB per device"):
+    with pytest.raises(Unplaceable, match=r"needs about 30\.0 GB per device"):
         place(one, "ddp", GPUS, need_gb=30.0)
 
 
