@@ -104,6 +104,8 @@ def cmd_train(args) -> int:
             return fail(str(e))
         os.environ.update(placed.env())  # before torch starts: the GPUs this process and its ranks may see
     run_id, out = own_run(args, store, home, cfg)
+    if placed is not None:  # its GPUs are taken from now on: the queue's placement sees them busy
+        store.update_run(run_id, devices=placed.label, world_size=placed.world)
     if placed is not None and placed.world > 1:
         return run_torchrun(args, store, home, run_id, placed.world)
     return train_here(args, cfg, store, home, run_id, out, os.getpid())

@@ -96,8 +96,9 @@ class Distributed:
             plugin = FullyShardedDataParallelPlugin(
                 use_orig_params=True, sync_module_states=True, state_dict_type="FULL_STATE_DICT"
             )
-        # The trainer keeps its own autocast and gradient accumulation: accelerate places, wraps and reduces.
-        self.acc = Accelerator(cpu=not cuda, mixed_precision="no", fsdp_plugin=plugin)
+        # The trainer keeps its own autocast, gradient accumulation and device placement (the base is loaded on
+        # self.device, quantized bases included, which must not be moved): accelerate wraps and reduces.
+        self.acc = Accelerator(cpu=not cuda, mixed_precision="no", fsdp_plugin=plugin, device_placement=False)
         self.device = self.acc.device
         self.main = self.acc.is_main_process
         self.forward: nn.Module | None = None
