@@ -32,7 +32,8 @@ def env_for(home: Path) -> dict[str, str]:
 def cfg_file(path: Path, model, data, **train) -> Path:
     t = {"max_steps": 3, "batch_size": 2, "lr": 1e-2, "val_split": 0, "save_every": 2, "log_every": 1, "threads": 1}
     lora = {"r": 4, "alpha": 8, "targets": "qv", "dropout": 0.0}  # no dropout: the ranks' RNGs differ
-    path.write_text(json.dumps({"model": str(model), "dataset": str(data), "lora": lora, "train": {**t, **train}}))
+    cfg = {"name": path.stem, "model": str(model), "dataset": str(data), "lora": lora, "train": {**t, **train}}
+    path.write_text(json.dumps(cfg))
     return path
 
 
@@ -47,24 +48,36 @@ def series(store: Store, run_id: int, name: str) -> list[tuple[int, float]]:
 
 def test_two_gloo_processes_train_like_one_with_twice_the_accumulation(tmp_path, tiny_llama_dir, chat_jsonl):
     home = tmp_path / "home"
-    two = engine(home, "train", cfg_file(tmp_path / "two.json", tiny_llama_dir, chat_jsonl, devices=2))
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = engine(home, "train", cfg_file(tmp_path / "one.json", tiny_llama_dir, chat_jsonl, devices=1, grad_accum=2))
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert "2 processes under torchrun" in two.stderr
-    shown = json.loads(engine(home, "show", "1", "--json").stdout)
-    assert (shown["world_size"], shown["devices"], shown["status"]) == (2, "cpu", "succeeded")
+    two = cfg_file(tmp_path / "two.json", tiny_llama_dir, chat_jsonl, devices=2)
+    one = cfg_file(tmp_path / "one.json", tiny_llama_dir, chat_jsonl, devices=1, grad_accum=2)
+    procs = [  # side by side: the machine has two cores, and each process trains on one thread
+        subprocess.Popen(
+            [sys.executable, "-m", "engine", "train", str(c)],
+            cwd=ROOT,
+            env=env_for(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in (two, one)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for _, e in outs]
+    assert "2 processes under torchrun" in outs[0][1]
     store = Store.for_home(home)
     try:
-        assert [r.id for r in store.list_runs()] == [2, 1]  # one row per run: rank 1 records nothing
-        assert store.get_run(2).world_size == 1
+        runs = {r.name: r for r in store.list_runs()}
+        assert sorted(runs) == ["one", "two"]  # one row per run: rank 1 records nothing
+        shown = json.loads(engine(home, "show", str(runs["two"].id), "--json").stdout)
+        assert (shown["world_size"], shown["devices"], shown["status"]) == (2, "cpu", "succeeded")
+        assert runs["one"].world_size == 1
         for name in ("train/loss", "grad_norm", "tokens_seen"):
-            a, b = series(store, 1, name), series(store, 2, name)
+            a, b = series(store, runs["two"].id, name), series(store, runs["one"].id, name)
             assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3], name  # one point per step: rank 0's
             assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4), name
     finally:
         store.close()
-    run = home / "runs" / "1"
+    run = home / "runs" / str(runs["two"].id)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     state = json.loads((run / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
     assert (state["world"], state["micro_batches"]) == (2, 6)  # what a resume continues from
@@ -157,3 +170,32 @@ def test_two_nodes_on_localhost_make_one_run_and_one_adapter_that_peft_loads(tmp
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), home / "runs/1/adapter")
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(float(p.abs().sum()) > 0 for p in lora_b)  # trained, not the zero init
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_train_like_one_with_twice_the_accumulation(tmp_path, tiny_llama_dir, chat_jsonl, strategy):
+    """Not run on the CPU machines this was written on: FSDP and NCCL need two GPUs."""
+    if gpu_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    home = tmp_path / "home"
+    common = {"dtype": "fp32"}
+    two = cfg_file(tmp_path / "two.json", tiny_llama_dir, chat_jsonl, devices=2, strategy=strategy)
+    one = cfg_file(tmp_path / "one.json", tiny_llama_dir, chat_jsonl, devices=1, grad_accum=2)
+    for c in (two, one):
+        cfg = json.loads(c.read_text())
+        c.write_text(json.dumps({**cfg, **common}))
+        done = engine(home, "train", c)
+        assert done.returncode == 0, done.stderr[-3000:]
+    with Store.for_home(home) as store:
+        runs = {r.name: r for r in store.list_runs()}
+        assert (runs["two"].world_size, runs["two"].devices) == (2, "cuda:0,1")
+        a, b = series(store, runs["two"].id, "train/loss"), series(store, runs["one"].id, "train/loss")
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-3)  # GPU reductions are not bit-exact
+    assert (home / "runs" / str(runs["two"].id) / "adapter" / "adapter_model.safetensors").is_file()
