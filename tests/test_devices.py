@@ -118,3 +118,18 @@ def test_torchrun_commands_and_the_failed_rank_in_its_report():
     )
     words, code = explain_end(1, report)
     assert code == -9 and words.startswith("rank 1 ") and "SIGKILL" in words
+
+
+def test_every_step_is_split_between_ranks_without_overlap_and_resumes_where_it_stopped():
+    from itertools import islice
+
+    from engine.core.batching import micro_batches, rank_share, step_micro_batches
+
+    steps = list(islice(step_micro_batches(10, 2, seed=3, per_step=4), 6))  # 2 ranks × grad_accum 2
+    stream = list(islice(micro_batches(10, 2, 3), 24))
+    assert [mb for s in steps for mb in s] == stream  # the one-process stream, grouped by step
+    for s in steps:
+        mine = [rank_share(s, r, 2) for r in (0, 1)]
+        assert mine[0] + mine[1] == s and len(mine[0]) == len(mine[1]) == 2  # disjoint halves, whole step
+    resumed = list(islice(step_micro_batches(10, 2, seed=3, per_step=2, start=8), 2))  # now 1 rank × 2
+    assert resumed == [stream[8:10], stream[10:12]]  # continues the stream whatever the process count
