@@ -89,7 +89,11 @@ def test_train_tab_offers_only_what_the_machine_has():
 def test_queue_and_live_view_show_devices_world_size_and_per_rank_throughput():
     run = SimpleNamespace(id=4, name="dp", status=RunStatus.RUNNING, devices="cuda:0,1", world_size=2)
     run.__dict__.update(total_steps=10, peak_mem_gb=None, error=None, adapter_dir=None)
-    assert "#4** dp — running on cuda:0,1 (2 processes)" in queue_markdown([run], [])
+    queued = SimpleNamespace(id=5, name="next")
+    panel = queue_markdown([run], [queued], {5: "waits for its GPUs"})
+    assert (
+        "#4** dp — running on cuda:0,1 (2 processes)" in panel and "1. #5 next — queued (waits for its GPUs)" in panel
+    )
     last = {"tokens_per_s": 900.0, "rank0/tokens_per_s": 450.0, "rank1/tokens_per_s": 440.0}
     text = status_markdown(run, last, 3, None)
     assert "2 processes on cuda:0,1" in text and "per rank 450 / 440 tok/s" in text

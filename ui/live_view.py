@@ -59,11 +59,16 @@ def placed_on(run) -> str:
     return f" on {run.devices}" + (f" ({world} processes)" if world > 1 else "")
 
 
-def queue_markdown(running: Sequence[Any], queued: Sequence[Any]) -> str:
+def queue_markdown(running: Sequence[Any], queued: Sequence[Any], waiting: Mapping[int, str] | None = None) -> str:
+    """The queue panel: what runs where, then the queued runs in order (with why one waits, e.g. for its GPUs)."""
     if not running and not queued:
         return "Queue: empty."
+    why = waiting or {}
     lines = [f"- ▶ **#{r.id}** {r.name} — running{placed_on(r)}" for r in running]
-    lines += [f"- {i}. #{r.id} {r.name} — queued" for i, r in enumerate(queued, start=1)]
+    lines += [
+        f"- {i}. #{r.id} {r.name} — queued" + (f" ({why[r.id]})" if r.id in why else "")
+        for i, r in enumerate(queued, start=1)
+    ]
     return "Queue:\n" + "\n".join(lines)
 
 
@@ -152,7 +157,8 @@ def poll_run(run_id: int | None, cursor: int, series: Mapping[str, Any], *, stor
     """Timer tick → [cursor, series, status, loss plot, lr plot, log tail, queue, timer, progress, run selector];
     skips what is unchanged. When the followed run ends and another is running, the selector moves to it."""
     running, queued = active_runs(store)
-    queue, busy = queue_markdown(running, queued), bool(running or queued)
+    waiting = getattr(getattr(runner, "placer", None), "waiting", None)  # the scheduler's last placement pass
+    queue, busy = queue_markdown(running, queued, waiting), bool(running or queued)
     skip = gr.skip()
     if run_id is None:
         idle = "No run yet: fill the form and press Launch."
