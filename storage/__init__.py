@@ -11,9 +11,10 @@ This package imports nothing else of the project.
 
 from .schema import SCHEMA_VERSION, TERMINAL, MetricPoint, RunRecord, RunStatus, SpectrumRecord, SweepRecord
 from .sink import StoreSink
-from .store import Store, default_db_url, this_host
+from .store import HOST_ENV, Store, default_db_url, this_host
 
 __all__ = [
+    "HOST_ENV",
     "SCHEMA_VERSION",
     "TERMINAL",
     "MetricPoint",

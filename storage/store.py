@@ -72,9 +72,13 @@ UPDATABLE_FIELDS = frozenset(_FIGURES) | {"summary"}
 # Small helpers
 
 
+HOST_ENV = "LORALAB_HOST"
+
+
 def this_host() -> str:
-    """This machine's name, as recorded in runs.host (a pid means something only on its own host)."""
-    return socket.gethostname()
+    """This machine's name, as recorded in runs.host (a pid means something only on its own host):
+    $LORALAB_HOST when set (containers whose host names change or repeat), else the host name."""
+    return os.environ.get(HOST_ENV, "").strip() or socket.gethostname()
 
 
 def default_db_url(home: str | Path) -> str:
@@ -306,9 +310,11 @@ class Store(SeriesMixin):
         model: str | None = None,
         sweep_id: int | None = None,
         limit: int = 500,
+        oldest_first: bool = False,
     ) -> list[RunRecord]:
-        """Runs newest first, optionally only those with the given status(es), base model or sweep."""
-        stmt = select(RunRow).order_by(RunRow.id.desc()).limit(limit)
+        """Runs newest first (oldest first if asked), optionally only those with the given status(es), base
+        model or sweep."""
+        stmt = select(RunRow).order_by(RunRow.id if oldest_first else RunRow.id.desc()).limit(limit)
         if sweep_id is not None:
             stmt = stmt.where(RunRow.sweep_id == sweep_id)
         if status is not None:
@@ -364,6 +370,20 @@ class Store(SeriesMixin):
                 if _rowcount(s, claim) == 1:
                     return self._require(s, run_id).to_record()
         return None
+
+    def claim_run(self, run_id: int, worker_pid: int, host: str | None = None) -> RunRecord | None:
+        """Claim this queued run as claim_next_queued claims the oldest (a scheduler that places runs on
+        devices picks which one); None if it is no longer queued (another scheduler took it, or it was
+        cancelled). KeyError if there is no such run."""
+        claimed = self._update_if(
+            run_id,
+            [RunRow.status == RunStatus.QUEUED.value],
+            status=RunStatus.RUNNING.value,
+            worker_pid=worker_pid,
+            host=host or this_host(),
+            started_at=utcnow(),
+        )
+        return self.get_run(run_id) if claimed else None
 
     def mark_running(self, run_id: int, pid: int, host: str | None = None) -> bool:
         """The training child reports in: status running, its pid and host (default: this machine),

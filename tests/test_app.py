@@ -90,7 +90,8 @@ def test_bad_auth_file_exits_2(tmp_path, capsys):
 
 def test_flags_and_defaults():
     a = app.build_parser().parse_args([])
-    assert (a.host, a.port, a.auth, a.insecure, a.max_concurrent) == ("127.0.0.1", 7860, None, False, 1)
+    # max_concurrent None: one run per GPU (on disjoint GPUs), one on a machine without GPUs (JobRunner.limit)
+    assert (a.host, a.port, a.auth, a.insecure, a.max_concurrent) == ("127.0.0.1", 7860, None, False, None)
     a = app.build_parser().parse_args(
         [
             "--host",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core import jobs
+from engine.core import disk, jobs
 from engine.core.config import ConfigError, RunConfig
 from engine.core.jobs import JobRunner, latest_checkpoint, pid_alive
 from storage import RunStatus, Store
@@ -279,7 +279,7 @@ def test_invalid_config_is_refused_with_every_problem_and_nothing_written(runner
 def test_disk_space_refusal_says_how_much_and_what_to_do(runners, store, home, monkeypatch, tiny_llama_dir, chat_jsonl):
     runner = runners()
     cfg = run_cfg(tiny_llama_dir, chat_jsonl, 2)
-    monkeypatch.setattr(jobs, "free_bytes", lambda path: 300 * 10**6)
+    monkeypatch.setattr(disk, "free_bytes", lambda path: 300 * 10**6)
     with pytest.raises(jobs.DiskSpaceError) as e:
         runner.submit(cfg)
     msg = str(e.value)

@@ -107,9 +107,9 @@ def test_a_killed_foreground_train_is_failed_by_a_running_scheduler(
     )
     try:
         run = wait_for(lambda: next(iter(store.list_runs(status=RunStatus.RUNNING)), None), 30, "the run to start")
-        reported = lambda: store.get_run(run.id).pid == fg.pid and "host" in store.get_run(run.id).summary
+        reported = lambda: store.get_run(run.id).pid == fg.pid and store.get_run(run.id).host
         wait_for(reported, 10, "the foreground process to report in, with its host")
-        assert store.get_run(run.id).summary["host"] == os.uname().nodename
+        assert store.get_run(run.id).host == os.uname().nodename
         os.kill(fg.pid, signal.SIGKILL)  # no handler runs: nothing records the end
         fg.wait()
         wait_for(lambda: store.get_run(run.id).is_terminal, 10, "reconcile to end the run")
@@ -171,7 +171,7 @@ def test_reconcile_judges_only_this_host_and_runs_whose_scheduler_died_before_th
     dead = _dead_pid()
     orphan = _stale_running(store, home, pid=None, worker_pid=dead)  # claimed; its scheduler died at once
     elsewhere = _stale_running(store, home, pid=dead, worker_pid=dead)
-    store.update_run(elsewhere, summary={"host": "another-machine"})
+    store.mark_running(elsewhere, dead, host="another-machine")  # runs.host: where its pid means something
     gone = _stale_running(store, home, pid=dead, worker_pid=dead, log="step 3/9 | loss 2.5\n")
     assert runner.reconcile() == []  # found gone once: their own watchers get to record them first
     assert sorted(runner.reconcile()) == [orphan, gone]

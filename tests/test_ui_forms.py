@@ -119,6 +119,8 @@ NON_DEFAULT = dict(
     packing=False,
     seed=7,
     threads=1,
+    devices="0,1",
+    strategy="fsdp",
 )
 
 
@@ -126,6 +128,7 @@ def test_config_from_form_maps_every_field():
     assert set(NON_DEFAULT) == set(T.FORM_FIELDS)
     cfg = T.config_from_form(NON_DEFAULT)
     assert cfg.model == "/models/tiny" and cfg.name == "every-field"
+    assert (cfg.train.devices, cfg.train.strategy) == ("0,1", "fsdp")
     assert (cfg.dataset, cfg.dataset_format, cfg.train_on, cfg.max_examples) == (
         "/data/chat.jsonl",
         "messages",
@@ -170,6 +173,8 @@ def test_config_from_form_maps_every_field():
         packing=False,
         seed=7,
         threads=1,
+        devices="0,1",
+        strategy="fsdp",
     )
     cfg2 = T.config_from_form({**NON_DEFAULT, "quant": "none", "init": "pissa", "freeze_A": False})
     assert cfg2.lora.init == "pissa"

@@ -51,11 +51,24 @@ def active_runs(store) -> tuple[list[Any], list[Any]]:
     return running, sorted(store.list_runs(status=RunStatus.QUEUED), key=lambda r: r.id)
 
 
-def queue_markdown(running: Sequence[Any], queued: Sequence[Any]) -> str:
+def placed_on(run) -> str:
+    """Where a running run trains: ' on cuda:0,1 (2 processes)', ' on cpu', or '' before it is placed."""
+    if not getattr(run, "devices", None):
+        return ""
+    world = run.world_size or 1
+    return f" on {run.devices}" + (f" ({world} processes)" if world > 1 else "")
+
+
+def queue_markdown(running: Sequence[Any], queued: Sequence[Any], waiting: Mapping[int, str] | None = None) -> str:
+    """The queue panel: what runs where, then the queued runs in order (with why one waits, e.g. for its GPUs)."""
     if not running and not queued:
         return "Queue: empty."
-    lines = [f"- ▶ **#{r.id}** {r.name} — running" for r in running]
-    lines += [f"- {i}. #{r.id} {r.name} — queued" for i, r in enumerate(queued, start=1)]
+    why = waiting or {}
+    lines = [f"- ▶ **#{r.id}** {r.name} — running{placed_on(r)}" for r in running]
+    lines += [
+        f"- {i}. #{r.id} {r.name} — queued" + (f" ({why[r.id]})" if r.id in why else "")
+        for i, r in enumerate(queued, start=1)
+    ]
     return "Queue:\n" + "\n".join(lines)
 
 
@@ -71,6 +84,11 @@ def merge_points(series: Mapping[str, Any], points: Sequence[Any]) -> dict[str, 
     return {**series, **out, "last": last, "step": step}
 
 
+def rank_index(name: str) -> int:
+    head = name.split("/")[0].removeprefix("rank")
+    return int(head) if head.isdigit() else -1
+
+
 def status_markdown(run, last: Mapping[str, float], step: int, queue_pos: int | None) -> str:
     head = f"**#{run.id} {run.name} · {run.status.value}**"
     if run.status == RunStatus.QUEUED:
@@ -83,6 +101,12 @@ def status_markdown(run, last: Mapping[str, float], step: int, queue_pos: int | 
         parts.append(f"ETA {format_duration(last['eta_s'])}")
     if "tokens_per_s" in last:
         parts.append(f"{last['tokens_per_s']:,.0f} tok/s")
+    ranks = [last[k] for k in sorted(last, key=rank_index) if k.startswith("rank") and k.endswith("/tokens_per_s")]
+    world = getattr(run, "world_size", None) or 1
+    if world > 1:  # data-parallel: the processes and each one's throughput
+        parts.append(f"{world} processes on {getattr(run, 'devices', None) or '?'}")
+        if ranks:
+            parts.append("per rank " + " / ".join(f"{v:,.0f}" for v in ranks) + " tok/s")
     if "pad_frac" in last:  # share of the computed positions that were padding (0 with packing)
         parts.append(f"padding {last['pad_frac']:.0%}")
     peak = last.get("mem/peak_gb") or run.peak_mem_gb
@@ -133,7 +157,8 @@ def poll_run(run_id: int | None, cursor: int, series: Mapping[str, Any], *, stor
     """Timer tick → [cursor, series, status, loss plot, lr plot, log tail, queue, timer, progress, run selector];
     skips what is unchanged. When the followed run ends and another is running, the selector moves to it."""
     running, queued = active_runs(store)
-    queue, busy = queue_markdown(running, queued), bool(running or queued)
+    waiting = getattr(getattr(runner, "placer", None), "waiting", None)  # the scheduler's last placement pass
+    queue, busy = queue_markdown(running, queued, waiting), bool(running or queued)
     skip = gr.skip()
     if run_id is None:
         idle = "No run yet: fill the form and press Launch."

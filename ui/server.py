@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--auth", help="'user:pass', or a file with one user:pass per line; required off loopback")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --auth")
-    p.add_argument("--max-concurrent", type=int, default=1, help="training jobs at once (default 1)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="training jobs at once (default: one per GPU, on disjoint GPUs; 1 without GPUs)",
+    )
     p.add_argument(
         "--data-dir",
         action="append",

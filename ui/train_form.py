@@ -29,6 +29,7 @@ from engine.core.config import (
     field_help,
 )
 from engine.core.data_fields import columns_text, truncation_warning
+from engine.core.devices import device_choices, gpus_from_doctor, scale_note
 from engine.core.estimate import estimate, gb
 from engine.core.home import datasets_dir
 from ui.backend import DATASET_SUFFIXES, cached_hub_models, save_upload
@@ -353,13 +354,22 @@ def estimate_markdown(
         if data
         else f"worst case: {est.batch_note}; press **Preview** to size it on the dataset's lengths"
     )
+    scale = scale_note(est, cfg.train, gpus_from_doctor(doctor), anatomy.get("num_layers")) if doctor else ""
     return (
         f"{target} · {est.n_modules} modules  \n**Trainable: {est.trainable_params:,}** "
         f"({est.trainable_pct:.3f} % of {est.total_params:,})  \n"
         f"**Memory ≈ {est.total_gb:.2f} GB** on {device} ({est.compute_dtype}): weights {gb(est.weights_bytes):.2f}"
         f", LoRA + grads + AdamW {gb(est.lora_bytes + est.grad_bytes + est.optimizer_bytes):.3f}"
         f", activations {gb(est.activation_bytes):.2f}, logits {gb(est.logits_bytes):.2f}  \n{basis}"
+        + (f"  \n{scale}" if scale else "")
     )
+
+
+def devices_update(doctor: Mapping[str, Any] | None):
+    """The devices dropdown: only what this machine has (its GPUs from `engine doctor`), auto first."""
+    if not doctor:
+        return gr.update(choices=device_choices([], 2))
+    return gr.update(choices=device_choices(gpus_from_doctor(doctor), int(doctor.get("cpu_count") or 1)))
 
 
 def launch_problems(cfg: RunConfig, anatomy: Mapping[str, Any] | None, doctor: Mapping[str, Any] | None):

@@ -25,6 +25,7 @@ from engine.core.config import (
     TRAIN_ON,
     field_help,
 )
+from engine.core.devices import STRATEGIES
 from ui.backend import DATASET_SUFFIXES
 from ui.live_view import attach, cancel_run, poll_run, resume_run, run_choices, select_run
 from ui.plots import loss_figure, lr_figure
@@ -37,6 +38,7 @@ from ui.train_form import (
     check_quant,
     clear_preset,
     dataset_choices,
+    devices_update,
     field_widget,
     launch_run,
     load_machine,
@@ -120,11 +122,12 @@ def build_train_tab(store, runner, home: Path, backend, *, doctor: Mapping[str, 
             model_section(f, w)
             lora_section(f, w, doctor)
             dataset_section(f, w, home, getattr(backend, "data_dirs", []))
-            training_section(f)
+            training_section(f, doctor)
         with gr.Column(scale=2):
             launch_column(f, w, store)
     w.cursor, w.series, w.timer = gr.State(0), gr.State({}), gr.Timer(1.5, active=False)
     wire_form(f, w, home, backend)
+    w.doctor.change(devices_update, [w.doctor], [f["devices"]], api_name=False, show_progress="hidden")
     wire_launch(f, w, store, runner, backend)
     return TrainTab(
         form=f,
@@ -239,7 +242,7 @@ def dataset_section(f: dict[str, Any], w, home: Path, data_dirs=()) -> None:
     )
 
 
-def training_section(f: dict[str, Any]) -> None:
+def training_section(f: dict[str, Any], doctor: Mapping[str, Any] | None = None) -> None:
     H, HL, HT = field_help(), field_help("lora"), field_help("train")
     gr.Markdown("### 4 · Training")
     with gr.Row():
@@ -256,6 +259,15 @@ def training_section(f: dict[str, Any]) -> None:
                 f[key] = gr.Number(
                     HT[key]["default"], precision=precision, label=label, info=HT[key]["help"], elem_id=f"train-{key}"
                 )
+    with gr.Row():  # scale-out: data-parallel processes (torchrun), choices from this machine's GPUs
+        f["devices"] = gr.Dropdown(
+            devices_update(doctor)["choices"],
+            value="auto",
+            allow_custom_value=True,
+            label="Devices",
+            info=HT["devices"]["help"],
+        )
+        f["strategy"] = gr.Radio(list(STRATEGIES), value="ddp", label="Strategy", info=HT["strategy"]["help"])
     with gr.Accordion("More: gradient checkpointing, weight decay, clipping, logging, threads", open=False):
         f["gradient_checkpointing"] = gr.Checkbox(
             False, label="Gradient checkpointing", info=HT["gradient_checkpointing"]["help"]

@@ -83,11 +83,13 @@ def cmd_doctor(args) -> int:
 
     import torch
 
+    from engine.ml.distributed import local_gpus
     from engine.ml.model import quant_support
 
     cuda = torch.cuda.is_available()
     info = {
         "device": "cuda" if cuda else "cpu",
+        "gpus": local_gpus(),  # every GPU: index, name, total_gb, free_gb (the queue places runs on them)
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

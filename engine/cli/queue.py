@@ -31,7 +31,10 @@ def cmd_submit(args) -> int:
                 raise ConfigError(report["problems"])
             est = report.get("estimate") or {}
         run_id = runner.submit(
-            cfg, name=args.name, est_mem_gb=est.get("total_gb"), trainable_params=est.get("trainable_params")
+            cfg,
+            name=args.name,
+            est_mem_gb=est.get("per_device_gb", est.get("total_gb")),  # what one device needs: placement checks it
+            trainable_params=est.get("trainable_params"),
         )
     except ConfigError as e:  # one problem: one line; several: a count, then one line each
         n = len(e.problems)
@@ -69,9 +72,10 @@ def cmd_worker(args) -> int:
     if failed:
         say(f"worker: marked failed after a restart: {', '.join(map(str, failed))}")
     runner.start()
+    gpus = runner.placer.gpus()
     say(
-        f"worker {os.getpid()}: processing the queue of {runner.store!r} "
-        f"({args.max_concurrent} at a time){'; exits when idle' if args.once else ''}"
+        f"worker {os.getpid()} on {runner.host}: processing the queue of {runner.store!r} ({runner.limit()} at a "
+        f"time; {len(gpus) or 'no'} GPU{'s' * (len(gpus) != 1)}){'; exits when idle' if args.once else ''}"
     )
     try:
         while not stop.wait(1.0):
@@ -148,6 +152,9 @@ SHOWN = (
     "trainable_params",
     "total_params",
     "device",
+    "host",
+    "devices",
+    "world_size",
     "out_dir",
     "adapter_dir",
     "error",
@@ -179,7 +186,13 @@ def register(sub) -> None:
     s.set_defaults(fn=cmd_submit)
 
     w = sub.add_parser("worker", help="process the queue headless until Ctrl-C or SIGTERM")
-    w.add_argument("--max-concurrent", type=int, default=1, help="runs at the same time (default 1)")
+    w.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="runs at the same time (default: one per GPU on a GPU machine, the placement keeping their GPUs "
+        "apart; 1 on a CPU)",
+    )
     w.add_argument("--once", action="store_true", help="exit when nothing is queued or running")
     w.add_argument(
         "--grace",

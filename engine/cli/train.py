@@ -1,4 +1,5 @@
-"""`train`: one run in the foreground (or the job queue's child process), recorded in the database."""
+"""`train`: one run in the foreground (or the job queue's child process), recorded in the database; with
+train.devices above one, torchrun around this command (every rank runs it; rank 0 records)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any
 
 from engine.cli.common import fail, home_of, is_user_error, log_traceback, open_store, say
 from engine.core.config import ConfigError, RunConfig
+from engine.core.devices import Unplaceable
 from engine.core.home import run_dir
-from engine.core.procs import this_host
+from engine.core.placement import PLACED_ENV, Placer, wait_for_gpus
+from engine.core.procs import PEER_LOST_EXIT, die_with_parent, explain_end, this_host
 from engine.core.runs import CONFIG_NAME
 
 
@@ -84,39 +87,69 @@ def record_failure(args, store, run_id: int, e: BaseException) -> int:
 
 
 def cmd_train(args) -> int:
+    """One run in this process; or, with several devices, torchrun around this very command (engine.core.launch),
+    this process watching it; or, under torchrun, one of its ranks."""
     try:
         cfg = RunConfig.from_file(args.config)
     except ConfigError as e:
         return fail(str(e))
-    store = open_store(args)
-    home = home_of(args)
-    from storage import RunStatus, StoreSink
+    if "LOCAL_RANK" in os.environ:  # one of the processes torchrun started
+        return train_rank(args, cfg, int(os.environ.get("RANK", "0")))
+    store, home = open_store(args), home_of(args)
+    placed = None
+    if not os.environ.get(PLACED_ENV):  # the queue chose the devices already; a foreground run chooses here
+        try:
+            placed = wait_for_gpus(Placer(home, this_host()), cfg.to_dict(), store)
+        except Unplaceable as e:
+            return fail(str(e))
+        os.environ.update(placed.env())  # before torch starts: the GPUs this process and its ranks may see
+    run_id, out = own_run(args, store, home, cfg)
+    if placed is not None:  # its GPUs are taken from now on: the queue's placement sees them busy
+        store.update_run(run_id, devices=placed.label, world_size=placed.world)
+    if placed is not None and placed.world > 1:
+        return run_torchrun(args, store, home, run_id, placed.world)
+    return train_here(args, cfg, store, home, run_id, out, os.getpid())
 
-    run_id = args.run_id
-    if run_id is None:  # foreground run: it records itself, born running so no queue worker claims it
-        run_id = store.create_run(
-            cfg.name or Path(args.config).stem, cfg.to_dict(), "", model=cfg.model, status=RunStatus.RUNNING
-        )
-        out = run_dir(home, run_id)
-        store.set_out_dir(run_id, str(out))
-        (out / CONFIG_NAME).write_text(cfg.to_json())
-    else:
-        out = Path(store.get_run(run_id).out_dir or run_dir(home, run_id))
-    resume = args.resume or store.get_run(run_id).resume_from
-    if not store.mark_running(run_id, os.getpid()):  # cancelled (or ended) while this process was starting
-        say(f"run {run_id} is already {store.get_run(run_id).status.value}; not training")
-        return 1
-    store.update_run(run_id, summary={"host": this_host()})  # a scheduler on this host may reconcile it
 
+def own_run(args, store, home: Path, cfg: RunConfig) -> tuple[int, Path]:
+    """(run id, its folder): the queued run given by --run-id, or a foreground run recorded now, born running
+    so that no queue worker claims it."""
+    from storage import RunStatus
+
+    if args.run_id is not None:
+        return args.run_id, Path(store.get_run(args.run_id).out_dir or run_dir(home, args.run_id))
+    run_id = store.create_run(
+        cfg.name or Path(args.config).stem, cfg.to_dict(), "", model=cfg.model, status=RunStatus.RUNNING
+    )
+    out = run_dir(home, run_id)
+    store.set_out_dir(run_id, str(out))
+    (out / CONFIG_NAME).write_text(cfg.to_json())
+    return run_id, out
+
+
+def on_stop_signals() -> dict[str, bool]:
+    """SIGTERM/SIGINT set the flag: the run finishes its step, saves a checkpoint and the adapter, and ends."""
     stop = {"flag": False}
 
-    def on_term(signum, frame):  # cancel: finish the step, save a checkpoint and the adapter, exit cleanly
+    def on_term(signum, frame):
         stop["flag"] = True
         say(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping")
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    return stop
 
+
+def train_here(args, cfg: RunConfig, store, home: Path, run_id: int, out: Path, pid: int) -> int:
+    """Train in this process (the only one, or rank 0), recording the run; pid: the process the queue watches
+    and signals (under torchrun its agent)."""
+    from storage import RunStatus, StoreSink
+
+    resume = args.resume or store.get_run(run_id).resume_from
+    if not store.mark_running(run_id, pid):  # cancelled (or ended) while this process was starting
+        say(f"run {run_id} is already {store.get_run(run_id).status.value}; not training")
+        return 1
+    stop = on_stop_signals()
     from engine.core.events import TeeSink
 
     sink = TeeSink(StoreSink(store, run_id), ProgressSink())
@@ -126,6 +159,8 @@ def cmd_train(args) -> int:
 
         result = train(cfg, out, sink, lambda: stop["flag"], resume_from=resume, home=home)
     except BaseException as e:  # record every ending, then let the exit code speak
+        if peer_lost(e):  # another rank died: its exit status is the run's (the queue or run_torchrun records it)
+            return fail(f"rank 0: another rank is gone, stopping ({type(e).__name__})", PEER_LOST_EXIT)
         return record_failure(args, store, run_id, e)
     status = RunStatus.CANCELLED if result.status == "cancelled" else RunStatus.SUCCEEDED
     store.finish(run_id, status, exit_code=0)
@@ -137,6 +172,59 @@ def cmd_train(args) -> int:
     )
     print(run_id)
     return 0
+
+
+def peer_lost(e: BaseException) -> bool:
+    mod = sys.modules.get("engine.ml.distributed")
+    return bool(mod and int(os.environ.get("WORLD_SIZE", "1")) > 1 and mod.is_peer_lost(e))
+
+
+def train_rank(args, cfg: RunConfig, rank: int) -> int:
+    """One of torchrun's processes. Rank 0 records the run (a foreground `torchrun ... train CONFIG` gets its row
+    here); the others only train. Every rank dies with its torchrun (no orphan trains on)."""
+    die_with_parent()
+    home = home_of(args)
+    if rank == 0:
+        store = open_store(args)
+        run_id, out = own_run(args, store, home, cfg)
+        return train_here(args, cfg, store, home, run_id, out, os.getppid())  # the queue watches torchrun
+    resume = args.resume or (open_store(args).get_run(args.run_id).resume_from if args.run_id is not None else None)
+    stop = on_stop_signals()
+    try:
+        from engine.ml.train import train
+
+        train(cfg, None, should_stop=lambda: stop["flag"], resume_from=resume, home=home)
+    except BaseException as e:
+        if peer_lost(e):
+            return fail(f"rank {rank}: another rank is gone, stopping ({type(e).__name__})", PEER_LOST_EXIT)
+        return fail(f"rank {rank}: {explain_failure(e)}", 1)
+    return 0
+
+
+def run_torchrun(args, store, home: Path, run_id: int, nproc: int) -> int:
+    """A foreground run of several processes: torchrun around this command with --run-id; this process relays
+    SIGTERM to it, shows its output, and records the end if no rank could (a rank was killed)."""
+    import subprocess
+
+    from engine.core.launch import REPO_ROOT, engine_env, torchrun_argv
+    from storage import RunStatus
+
+    config = str(Path(args.config).resolve())  # torchrun starts in the project root
+    cmd = torchrun_argv(["train", config, "--run-id", str(run_id)], nproc, home=Path(home).resolve())
+    say(f"run {run_id}: {nproc} processes under torchrun")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=engine_env(db_url=store.url), stderr=subprocess.PIPE, text=True)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda *_: None)  # Ctrl-C reaches torchrun too: it stops its ranks
+    tail: list[str] = []
+    for line in proc.stderr:  # shown as it comes; the end kept for torchrun's failure report
+        sys.stderr.write(line)
+        tail = (tail + [line])[-200:]
+    rc = proc.wait()
+    if rc and not store.get_run(run_id).is_terminal:
+        error, code = explain_end(rc, "".join(tail))
+        store.finish(run_id, RunStatus.FAILED, error=error, exit_code=code, only_if_not_terminal=True)
+        return fail(f"run {run_id} failed: {error}", 1)
+    return rc
 
 
 def register(sub) -> None:

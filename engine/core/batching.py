@@ -2,7 +2,9 @@
 
     order = epoch_order(n, seed, epoch)                  # the shuffled example order of one epoch
     rows = pack_lengths([5, 3, 4, 2], capacity=7)        # first-fit decreasing → [[0, 3], [2, 1]]
-    steps = total_steps(n_train, cfg.train)
+    steps = total_steps(n_train, cfg.train, world=2)     # optimizer steps of a run on 2 processes
+    for global_step in step_micro_batches(n, b, seed, per_step=world * grad_accum):
+        mine = rank_share(global_step, rank, world)      # this process's grad_accum micro-batches of the step
     shapes = run_batch_shapes(facts, cfg.train)          # the largest micro-batches the run will build
 
 engine/ml/train.py trains on exactly these micro-batches (engine.ml.data.batching collates them into
@@ -63,10 +65,31 @@ def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def total_steps(n_train: int, tr: TrainSpec) -> int:
-    """Optimizer steps of a run: max_steps, or the epochs over micro-batches of batch_size, grad_accum each."""
+def total_steps(n_train: int, tr: TrainSpec, world: int = 1) -> int:
+    """Optimizer steps of a run: max_steps, or the epochs over micro-batches of batch_size, grad_accum each on
+    each of `world` processes (a step trains world × grad_accum micro-batches)."""
     micro_per_epoch = math.ceil(n_train / tr.batch_size)
-    return tr.max_steps or max(1, math.ceil(tr.epochs * micro_per_epoch / tr.grad_accum))
+    return tr.max_steps or max(1, math.ceil(tr.epochs * micro_per_epoch / (tr.grad_accum * world)))
+
+
+def step_micro_batches(n_examples: int, batch_size: int, seed: int, per_step: int, start: int = 0):
+    """The micro-batch stream grouped by optimizer step: lists of `per_step` micro-batches (world × grad_accum),
+    after skipping the first `start` micro-batches of the stream (those a resumed run already trained on).
+
+    The stream does not depend on the number of processes: 2 processes × grad_accum 1 train, step by step, on
+    the micro-batches 1 process × grad_accum 2 trains on, and a resume continues the stream where it stopped.
+    """
+    stream = micro_batches(n_examples, batch_size, seed)
+    for _ in range(start):
+        next(stream)
+    while True:
+        yield [next(stream) for _ in range(per_step)]
+
+
+def rank_share(step: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """Process `rank`'s micro-batches of one step: the rank-th of `world` equal, disjoint, consecutive slices."""
+    k = len(step) // world
+    return step[rank * k : (rank + 1) * k]
 
 
 # ---- what the estimator needs to know about a dataset ------------------------------------------------------
@@ -153,7 +176,7 @@ def run_batch_shapes(facts: DataFacts, tr: TrainSpec) -> tuple[list[BatchShape],
     """The micro-batches the run will train on, reduced to those no other one dominates, and how many were
     scanned. Memory grows with rows, length and targets, so the largest micro-batch is among these."""
     n = len(facts.lengths)
-    n_micro = total_steps(n, tr) * tr.grad_accum
+    n_micro = total_steps(n, tr) * tr.grad_accum  # every process trains micro-batches of this stream
     stream = micro_batches(n, tr.batch_size, tr.seed)
     seen: dict[tuple[int, int, int, bool], BatchShape] = {}
     scanned = min(n_micro, MAX_SCANNED)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from engine.core.data_fields import DATASET_COLUMNS, TEXT_SPLITS, parse_columns, validate_data
+from engine.core.devices import DEVICES_HELP, STRATEGIES, STRATEGY_HELP, normalize_devices, validate_devices
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 BUILTIN_DATASETS = {
@@ -213,6 +214,9 @@ class TrainSpec:
             "at most this machine's cores."
         ),
     )
+    # scale-out (issue 14): data-parallel processes (torchrun) and how they share the model
+    devices: str = field(default="auto", metadata=_help(DEVICES_HELP))
+    strategy: str = field(default="ddp", metadata=_help(STRATEGY_HELP, choices=STRATEGIES))
 
 
 @dataclass(frozen=True)
@@ -461,6 +465,7 @@ def _validate_train(tr: TrainSpec, p: _Problems) -> None:
     cores = os.cpu_count() or 1
     p.need(0 <= tr.threads <= cores, "train.threads", tr.threads, f"must be 0 (auto) to {cores} (this machine's cores)")
     p.need(0 <= tr.seed < 2**32, "train.seed", tr.seed, "must be 0 to 2³²−1")
+    p.extend(validate_devices(tr))
 
 
 # ---- messages ----------------------------------------------------------------------------------
@@ -558,6 +563,8 @@ def _coerce(v: Any, kind: str, name: str) -> Any:
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
             raise TypeError("must be a number")
         return float(v)
+    if kind == "str" and name == "devices":  # YAML reads `devices: 2` as a number and `[0, 1]` as a list
+        return normalize_devices(v)
     if kind == "str":
         if not isinstance(v, str):
             raise TypeError("must be a string")

@@ -8,9 +8,11 @@
     runner.cancel(run_id)                    # SIGTERM → checkpoint + adapter, `cancelled`; SIGKILL after grace
     runner.resume(run_id)                    # continue a failed/cancelled run from its last checkpoint
 
-Each run is exactly the command a user could type (runs/<id>/train.log receives its output):
+Each run is exactly the command a user could type (runs/<id>/train.log receives its output), under torchrun
+when it has several processes, with the GPUs engine.core.placement gave it in CUDA_VISIBLE_DEVICES:
 
     python -m engine --home HOME train runs/<id>/config.json --run-id <id>
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m engine --home HOME train ... --run-id <id>
 
 The database is the only source of truth and the queue itself: a run is `queued` until a scheduler
 claims it with one conditional UPDATE (`Store.claim_next_queued`), so the app and any number of
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,65 +35,29 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
-from engine.core.config import EMBEDDED_MODEL, RunConfig
-from engine.core.home import embedded_dir
-from engine.core.launch import DB_URL_ENV, engine_argv, spawn_engine
-from engine.core.procs import explain_exit, is_training_child, pid_alive, signal_group, tail_text, this_host
+from engine.core.config import RunConfig
+from engine.core.devices import Gpu, Placement
+from engine.core.disk import DiskSpaceError, check_disk, disk_need_bytes, free_bytes  # noqa: F401 (the API)
+from engine.core.launch import DB_URL_ENV, engine_argv, spawn_engine, torchrun_argv
+from engine.core.placement import PLACED_ENV, Placer
+from engine.core.procs import (
+    explain_end,
+    explain_exit,
+    is_training_child,
+    pid_alive,
+    signal_group,
+    tail_text,
+    this_host,
+)
 from engine.core.reconcile import LAUNCH_ERROR, on_this_host, one_line, why_gone
-from engine.core.runs import CONFIG_NAME, KEEP_CHECKPOINTS, LOG_NAME, latest_checkpoint, run_folder
-from storage import RunRecord, RunStatus, Store, default_db_url
+from engine.core.runs import CONFIG_NAME, LOG_NAME, latest_checkpoint, run_folder
+from storage import HOST_ENV, RunRecord, RunStatus, Store, default_db_url
 
 START_MARK = "=== "  # each launch writes one line starting with this to train.log
-
-# Disk estimate. A checkpoint holds the fp32 LoRA weights and AdamW's two moment buffers (3 × 4 bytes per
-# trainable parameter); the trainer keeps KEEP_CHECKPOINTS of them plus the final adapter.
-DEFAULT_TRAINABLE_PARAMS = 50_000_000  # conservative when the count is not known yet (r=64 on a 7B model ≈ 40 M)
-EMBEDDED_CONVERT_BYTES = 600 * 10**6
-DISK_MARGIN_BYTES = 200 * 10**6
 
 RESTART_ERROR = "server restarted while the run was active (the training process is gone)"
 ADOPTED_ERROR = "the training process ended while the server was down; see train.log"
 TAIL_HEADER = "\n--- last lines of train.log ---\n"
-
-
-class DiskSpaceError(ValueError):
-    """The data home lacks room for a run's checkpoints and adapter."""
-
-
-# ---- small helpers (module level so tests can monkeypatch them) -------------------------------------------
-
-
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
-
-
-def disk_need_bytes(cfg: RunConfig, home: Path, trainable_params: int | None = None) -> dict[str, int]:
-    """Bytes a run of `cfg` writes under the data home, by item: kept checkpoints, adapter, converted base."""
-    n = trainable_params or DEFAULT_TRAINABLE_PARAMS
-    need = {"checkpoints": KEEP_CHECKPOINTS * n * 4 * 3, "adapter": n * 4}
-    if cfg.model == EMBEDDED_MODEL and not (embedded_dir(home) / "model.safetensors").is_file():
-        need["embedded model, converted once"] = EMBEDDED_CONVERT_BYTES
-    return need
-
-
-def check_disk(cfg: RunConfig, home: Path, trainable_params: int | None = None) -> None:
-    """Raise DiskSpaceError, with the numbers and the fix, if the data home lacks room for the run."""
-    need, free = disk_need_bytes(cfg, home, trainable_params), free_bytes(home)
-    total = sum(need.values())
-    if free >= total + DISK_MARGIN_BYTES:
-        return
-    gb = lambda b: f"{b / 1e9:.2f} GB"
-    params = (
-        f"{trainable_params:,} trainable parameters"
-        if trainable_params
-        else f"up to {DEFAULT_TRAINABLE_PARAMS:,} trainable parameters, the count not being known yet"
-    )
-    items = ", ".join(f"{what} {gb(b)}" for what, b in need.items())
-    raise DiskSpaceError(
-        f"not enough disk space in {home}: {gb(free)} free, but this run needs about {gb(total)} ({items}; "
-        f"for {params}) plus a {gb(DISK_MARGIN_BYTES)} margin. Free space on that disk, or delete old runs "
-        f"(their runs/<id>/checkpoints folders take the most room)."
-    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -117,18 +82,24 @@ class JobRunner:
         home: Path,
         *,
         python: str = sys.executable,
-        max_concurrent: int = 1,
+        max_concurrent: int | None = None,
         poll_s: float = 0.5,
         reconcile_s: float = 5.0,
         db_url: str | None = None,
         env: Mapping[str, str] | None = None,
         log: Callable[[str], None] | None = None,
+        host: str | None = None,
+        gpus: list[Gpu] | None = None,
     ) -> None:
-        if max_concurrent < 1:
+        """max_concurrent: runs at the same time (None: one per GPU on a GPU machine, else 1). host: the name
+        this runner and its children record (default this machine's). gpus: a stand-in for the machine's."""
+        if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"max_concurrent = {max_concurrent!r}: must be ≥ 1 (runs at the same time)")
         self.store, self.home = store, Path(home).expanduser().resolve()
         self.python, self.max_concurrent, self.poll_s, self.reconcile_s = python, max_concurrent, poll_s, reconcile_s
-        self.db_url, self.env = db_url, dict(env or {})
+        self.host = host or this_host()
+        self.placer = Placer(self.home, self.host, gpus=gpus, python=python)
+        self.db_url, self.env = db_url, {**(env or {}), HOST_ENV: self.host}
         self._say = log or (lambda msg: None)
         self._lock = threading.RLock()  # claim+launch, the dicts below, cancel's queued check
         self._children: dict[int, subprocess.Popen] = {}  # run id → our child process
@@ -147,9 +118,17 @@ class JobRunner:
     def train_args(self, run_id: int, cfg_path: Path) -> list[str]:
         return ["train", str(cfg_path), "--run-id", str(run_id)]
 
-    def command(self, run_id: int, cfg_path: Path) -> list[str]:
-        """The child's argv: exactly what a user could type (engine.core.launch builds it)."""
-        return engine_argv(self.train_args(run_id, cfg_path), home=self.home, python=self.python)
+    def command(self, run_id: int, cfg_path: Path, nproc: int = 1) -> list[str]:
+        """The child's argv: exactly what a user could type (engine.core.launch builds it), torchrun around it
+        for a run of several processes."""
+        args = self.train_args(run_id, cfg_path)
+        if nproc > 1:
+            return torchrun_argv(args, nproc, home=self.home, python=self.python)
+        return engine_argv(args, home=self.home, python=self.python)
+
+    def limit(self) -> int:
+        """Runs at the same time: max_concurrent, else one per GPU (the placement keeps their GPUs apart)."""
+        return self.max_concurrent or max(1, len(self.placer.gpus()))
 
     def child_db_url(self) -> str | None:
         """The database the child must open, passed in its environment (never argv, where `ps` shows a password):
@@ -356,7 +335,7 @@ class JobRunner:
         me = os.getpid()
         for rec in self.store.list_runs(status=RunStatus.RUNNING, limit=100_000):
             with self._lock:
-                if rec.id in self._children or rec.id in self._adopted or not on_this_host(rec):
+                if rec.id in self._children or rec.id in self._adopted or not on_this_host(rec, self.host):
                     continue
                 owner = rec.worker_pid
                 owned_elsewhere = owner is not None and owner not in (me, rec.pid) and pid_alive(owner)
@@ -488,7 +467,7 @@ class JobRunner:
                 if rec.id in self._children or rec.id in self._adopted or rec.id in self._unrecorded:
                     continue
                 launch_error = self._launch_errors.pop(rec.id, None) if rec.worker_pid == me and not rec.pid else None
-            cause = LAUNCH_ERROR.format(why=launch_error) if launch_error else why_gone(rec, me=me)
+            cause = LAUNCH_ERROR.format(why=launch_error) if launch_error else why_gone(rec, me=me, host=self.host)
             if cause is None:
                 continue
             if not launch_error and (rec.id, rec.pid) not in self._suspects:
@@ -503,18 +482,18 @@ class JobRunner:
     def _fill(self) -> None:
         while not self._stop.is_set():
             with self._lock:
-                if len(self._children) + len(self._adopted) >= self.max_concurrent:
+                if len(self._children) + len(self._adopted) >= self.limit():
                     return
-                rec = self.store.claim_next_queued(os.getpid())
-                if rec is None:
+                got = self.placer.claim(self.store, os.getpid())  # the oldest queued run that fits now
+                if got is None:
                     return
-                self._launch(rec)
+                self._launch(*got)
 
-    def _launch(self, rec: RunRecord) -> None:
+    def _launch(self, rec: RunRecord, placed: Placement) -> None:
         """Start the claimed run's child. Whatever fails before the child exists ends the run `failed` with
         that cause (a full disk, an unwritable log); nothing is left `running` without a process."""
         try:
-            proc = self._spawn(rec)
+            proc = self._spawn(rec, placed)
         except Exception as e:
             why = str(e) if isinstance(e, OSError) else one_line(e)
             self._say(f"run {rec.id}: failed ({LAUNCH_ERROR.format(why=why)})")
@@ -529,20 +508,20 @@ class JobRunner:
         self._children[rec.id] = proc
         threading.Thread(target=self._watch, args=(rec.id, proc), daemon=True, name=f"watch-run-{rec.id}").start()
         try:
-            if not self.store.mark_running(rec.id, proc.pid):  # cancelled between the claim and now
+            if not self.store.mark_running(rec.id, proc.pid, self.host):  # cancelled between the claim and now
                 signal_group(proc.pid, signal.SIGKILL)
-            self.store.update_run(rec.id, summary={"host": this_host()})
         except Exception as e:  # the child reports in itself; its watcher records its end
             self._note_error(f"recording that run {rec.id} started", e)
-        self._say(f"run {rec.id}: started (pid {proc.pid}); log: {self.run_folder(rec.id, rec) / LOG_NAME}")
+        on = f" on {placed.label}" + (f" ({placed.world} processes)" if placed.world > 1 else "")
+        self._say(f"run {rec.id}: started (pid {proc.pid}){on}; log: {self.run_folder(rec.id, rec) / LOG_NAME}")
 
-    def _spawn(self, rec: RunRecord) -> subprocess.Popen:
+    def _spawn(self, rec: RunRecord, placed: Placement) -> subprocess.Popen:
         out = self.run_folder(rec.id, rec)
         out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / CONFIG_NAME
         if not cfg_path.is_file():  # claimed between submit's row and its file: the row holds the config
             _write_atomic(cfg_path, json.dumps(rec.config, indent=2))
-        cmd = self.command(rec.id, cfg_path)
+        cmd = self.command(rec.id, cfg_path, placed.world)
         with open(out / LOG_NAME, "ab") as log:  # append: a resumed run keeps its earlier log
             stamp = datetime.now().astimezone().isoformat(timespec="seconds")
             log.write(f"{START_MARK}{stamp} run {rec.id} starts: {shlex.join(cmd)}\n".encode())
@@ -552,7 +531,8 @@ class JobRunner:
                 home=self.home,
                 python=self.python,
                 db_url=self.child_db_url(),
-                env=self.env,
+                env={**self.env, **placed.env(), PLACED_ENV: placed.label},
+                nproc=placed.world,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -587,9 +567,9 @@ class JobRunner:
         if rc < 0 and (cancelled or rec.summary.get("cancel_requested")):
             status = RunStatus.CANCELLED
             error = f"cancelled: the training process was {explain_exit(rc).split(':')[0]} before it could save"
-        else:
+        else:  # a run of several processes: the status of the rank that failed first (torchrun's report)
             status = RunStatus.FAILED
-            error = explain_exit(rc) if rc else "exited with code 0 without recording how the run ended"
+            error, rc = explain_end(rc, tail) if rc else ("exited with code 0 without recording how the run ended", rc)
         self._finish_attempt(run_id, pid, status, error + tail, exit_code=rc)
         rec = self.store.get_run(run_id)
         if rec.pid == pid:

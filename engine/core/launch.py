@@ -2,6 +2,7 @@
 the project root, with one environment. Stdlib only.
 
     argv = engine_argv(["train", "runs/3/config.json", "--run-id", "3"], home=home)
+    argv = torchrun_argv(["train", "runs/3/config.json", "--run-id", "3"], nproc=2, home=home)
     data = run_engine_json(["inspect", "embedded:SmolLM2-135M-Instruct", "--json"], home=home, timeout=180)
 
 The job queue (engine.core.jobs), the chat client (engine.core.chat) and the web UI (ui.backend) go through
@@ -40,6 +41,28 @@ def engine_argv(
 ) -> list[str]:
     """`python -m engine [--home HOME] ARGS...` as an argument list."""
     return [python, "-m", module, *(["--home", os.fspath(home)] if home is not None else []), *map(str, args)]
+
+
+def torchrun_argv(
+    args: Sequence[str],
+    nproc: int,
+    *,
+    home: str | os.PathLike | None = None,
+    python: str = sys.executable,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master: str | None = None,
+) -> list[str]:
+    """torchrun around exactly the engine command: `python -m torch.distributed.run --standalone
+    --nproc_per_node N -m engine [--home HOME] ARGS...`; with nnodes > 1 the multi-node form
+    (`--nnodes 2 --node_rank R --master_addr HOST --master_port PORT`, master = 'HOST:PORT')."""
+    if nnodes > 1:
+        addr, _, port = (master or "").rpartition(":")
+        where = ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", addr, "--master_port", port]
+    else:
+        where = ["--standalone"]
+    inner = engine_argv(args, home=home, python=python)[1:]  # -m engine [--home HOME] ARGS...
+    return [python, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(nproc), *inner]
 
 
 def cli_error(stdout: str, stderr: str, code: int) -> str:
@@ -108,11 +131,18 @@ def spawn_engine(
     python: str = sys.executable,
     db_url: str | None = None,
     env: Mapping[str, str] | None = None,
+    nproc: int = 1,
     **popen: Any,
 ) -> subprocess.Popen:
-    """Start a long-running engine process (a training run, the chat worker) in its own session."""
+    """Start a long-running engine process (a training run, the chat worker) in its own session; with
+    nproc > 1, torchrun starting that many processes of it (torchrun_argv)."""
+    argv = (
+        torchrun_argv(args, nproc, home=home, python=python)
+        if nproc > 1
+        else engine_argv(args, home=home, python=python, module=module)
+    )
     return subprocess.Popen(
-        engine_argv(args, home=home, python=python, module=module),
+        argv,
         cwd=REPO_ROOT,
         env=engine_env(env, db_url=db_url),
         start_new_session=True,

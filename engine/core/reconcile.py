@@ -23,8 +23,9 @@ LAUNCH_ERROR = "could not start the training process: {why}"
 
 
 def host_of(rec: Any) -> str | None:
-    """The host the run's process runs on, as recorded when it started (None: recorded before hosts were)."""
-    return (getattr(rec, "summary", None) or {}).get("host")
+    """The host the run's process runs on: runs.host, set by the claim and by the child's mark_running (None:
+    recorded before hosts were)."""
+    return getattr(rec, "host", None)
 
 
 def on_this_host(rec: Any, host: str | None = None) -> bool:

@@ -55,6 +55,8 @@ def check_run(cfg: RunConfig, home: Path) -> dict[str, Any]:
                 bf16_capable=M.bf16_capable(device),
                 data=prep.facts(cfg) if prep is not None else None,
             )
+            scale, unplaceable = devices_report(cfg, est, anatomy)
+            problems.extend(unplaceable)
             report["estimate"] = {
                 "device": device.type,
                 "total_gb": round(est.total_gb, 4),
@@ -62,8 +64,28 @@ def check_run(cfg: RunConfig, home: Path) -> dict[str, Any]:
                 "basis": est.basis,
                 "batch": est.batch_note,
                 "trainable_params": est.trainable_params,
+                **scale,
             }
         except ConfigError as e:  # targets or layers the model does not have
             problems.extend(e.problems)
     report["ok"] = not problems
     return report
+
+
+def devices_report(cfg: RunConfig, est: E.Estimate, anatomy: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """({world, strategy, per_device_gb}, problems): the processes train.devices means on this machine, the
+    memory each device needs with the strategy, and why this machine can never run it (no such GPU, too
+    little memory on every GPU, fsdp without GPUs). Busy GPUs are the queue's business, not a problem."""
+    from engine.core.devices import Unplaceable, gpus_from_doctor, parse_devices, per_device_bytes, place, world_here
+    from engine.ml.distributed import local_gpus
+
+    gpus = gpus_from_doctor({"gpus": local_gpus()})
+    req, strategy = parse_devices(cfg.train.devices), cfg.train.strategy
+    world = world_here(req, gpus)
+    per_device = E.gb(per_device_bytes(est, strategy, world, anatomy.get("num_layers")))
+    try:
+        place(req, strategy, gpus, need_gb=per_device)
+        problems = []
+    except Unplaceable as e:
+        problems = [str(e)]
+    return {"world": world, "strategy": strategy, "per_device_gb": round(per_device, 4)}, problems

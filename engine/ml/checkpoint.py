@@ -116,11 +116,18 @@ def save_checkpoint(
     best_val: float | None,
     elapsed_s: float,
     keep: int = R.KEEP_CHECKPOINTS,
+    *,
+    extra_state: dict[str, Any] | None = None,
+    rank_rngs: list[dict[str, Any]] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Adapter + optimizer + scheduler + step + RNG, written to a temp folder and renamed (crash-safe).
 
     Leftover temp folders of a killed process are removed first; a failed write removes its own and, when
     the disk is full, raises DiskFullError saying how much room is missing. Keeps the newest `keep`.
+    Data-parallel runs (engine.ml.distributed) add every rank's RNG (`rank_rngs`) and, in `extra_state`, the
+    micro-batches trained and the number of processes; under FSDP `weights` is the gathered state dict and
+    the optimizer state is left out (opt None: its moments live in shards).
     """
     root = Path(out_dir) / R.CHECKPOINTS_DIRNAME
     root.mkdir(exist_ok=True)
@@ -129,10 +136,12 @@ def save_checkpoint(
     name = R.checkpoint_name(step)
     previous = R.latest_checkpoint(out_dir)
     with writing(root / f".tmp-{name}", f"checkpoint {name}", folder_bytes(previous) if previous else 0) as tmp:
-        model.save_pretrained(tmp)
-        blob = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()}
+        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        blob = {"optimizer": opt.state_dict() if opt is not None else None, "scheduler": sched.state_dict()}
+        blob.update(rng=rng_state(), **({"rank_rng": rank_rngs} if rank_rngs else {}))
         torch.save(blob, tmp / TRAINER_BLOB)
         state = {"step": step, "tokens_seen": tokens_seen, "best_val_loss": best_val, "elapsed_s": elapsed_s}
+        state.update(extra_state or {})
         (tmp / R.TRAINER_STATE).write_text(json.dumps(state))
     target = root / name
     shutil.rmtree(target, ignore_errors=True)
@@ -180,16 +189,23 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return weights, blob, state
 
 
-def apply_checkpoint(path: Path, model, opt, sched) -> dict[str, Any]:
-    """Load a verified checkpoint into the model, optimizer, scheduler and RNGs; returns its trainer state."""
+def apply_checkpoint(path: Path, model, opt, sched, *, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Load a verified checkpoint into the model, optimizer, scheduler and RNGs; returns its trainer state.
+
+    Rank r of a data-parallel run takes its own RNG state when the checkpoint was written by as many ranks
+    (state["rank_rng_restored"] says whether it did); an optimizer state left out (FSDP) leaves AdamW fresh.
+    """
     from peft import set_peft_model_state_dict
 
     weights, blob, state = read_checkpoint(path)
     try:
         set_peft_model_state_dict(model, weights)
-        opt.load_state_dict(blob["optimizer"])
+        if blob["optimizer"] is not None:
+            opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
-        rng = blob["rng"]
+        ranks = blob.get("rank_rng") or []
+        state["rank_rng_restored"] = rank == 0 or len(ranks) == world
+        rng = ranks[rank] if rank and len(ranks) == world else blob["rng"]
         random.setstate(_python_rng(rng["python"]))
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
@@ -218,7 +234,14 @@ def fallbacks(path: Path) -> list[Path]:
 
 
 def resume(
-    path: Path, model, opt, sched, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+    path: Path,
+    model,
+    opt,
+    sched,
+    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    *,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[dict[str, Any], Path, list[str]]:
     """Restore the newest usable checkpoint, starting at `path`: (trainer state, the one used, what was skipped).
 
@@ -229,7 +252,7 @@ def resume(
     candidates = fallbacks(path)
     for i, ckpt in enumerate(candidates):
         try:
-            state = apply_checkpoint(ckpt, model, opt, sched)
+            state = apply_checkpoint(ckpt, model, opt, sched, rank=rank, world=world)
         except CheckpointError as e:
             skipped.append(str(e))
             nxt = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older checkpoint"
@@ -243,17 +266,20 @@ def resume(
     )
 
 
-def save_adapter(model, tok, out_dir: Path, cfg: RunConfig, name: str = R.ADAPTER_DIRNAME) -> Path:
+def save_adapter(
+    model, tok, out_dir: Path, cfg: RunConfig, name: str = R.ADAPTER_DIRNAME, *, weights: dict | None = None
+) -> Path:
     """Standard PEFT folder out_dir/name (adapter_config.json + adapter_model.safetensors) plus the tokenizer,
-    written to a temporary folder and renamed into place."""
+    written to a temporary folder and renamed into place. weights: a gathered state dict (FSDP)."""
     target = out_dir / name
     tmp = out_dir / f"{name}.tmp"
+    kw: dict[str, Any] = {"state_dict": weights} if weights is not None else {}
     with writing(tmp, "the adapter", folder_bytes(target)):
         if cfg.lora.init != "gaussian":
             # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
-            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"))
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"), **kw)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **kw)
         tok.save_pretrained(tmp)
         (tmp / "loralab.json").write_text(json.dumps({"run_config": cfg.to_dict()}, indent=2))
     shutil.rmtree(target, ignore_errors=True)

@@ -6,7 +6,9 @@ Phases: 1) seed, threads, device  2) tokenizer + data  3) model + LoRA  4) optim
         6) loop: accumulate → clip → step → log → eval → checkpoint  7) adapter, spectra, summary
 
 The loop knows nothing of SQLite, Gradio or subprocesses: it reports through a MetricsSink and stops
-when should_stop() says so (the CLI wires that to SIGTERM), saving a checkpoint first.
+when should_stop() says so (the CLI wires that to SIGTERM), saving a checkpoint first. The same code runs
+as one of N data-parallel processes under torchrun (engine.ml.distributed): every rank trains its share of
+each step, only rank 0 writes (metrics, checkpoints, the adapter, spectra).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from engine.core.home import data_home
 from engine.ml import checkpoint as C
 from engine.ml import data as D
 from engine.ml import model as M
+from engine.ml.distributed import Distributed
 from engine.ml.hooks import TrainState, build_hooks
 from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
-from engine.ml.steps import evaluate, packing_agrees, token_losses
+from engine.ml.steps import evaluate, packing_agrees
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,25 +86,28 @@ def make_scheduler(opt, cfg: RunConfig, total_steps: int):
 
 def train(
     cfg: RunConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     sink: MetricsSink = NullSink(),
     should_stop: Callable[[], bool] = lambda: False,
     *,
     resume_from: str | Path | None = None,
     home: Path | None = None,
 ) -> TrainResult:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     home = home or data_home()
     t_start = time.time()
 
-    # 1) seed, threads, device ------------------------------------------------------------------
+    # 1) seed, threads, device: one process, or one of the N that torchrun started --------------------
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    device = M.pick_device()
+    dist = Distributed(cfg)  # accelerate; rank 0 alone writes (out_dir may be None on the other ranks)
+    sink = sink if dist.main else NullSink()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = dist.device
     dtype = M.compute_dtype(cfg, device)  # refuses fp16 on a CPU before any weights are read
     if device.type == "cpu":
-        torch.set_num_threads(pick_threads(cfg.train.threads))
+        dist.threads(pick_threads(cfg.train.threads))  # the machine's cores shared by its processes
     else:
         torch.cuda.reset_peak_memory_stats()
     rss_base = rss_gb()  # CPU memory is reported as growth of peak RSS over this baseline
@@ -113,8 +119,8 @@ def train(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     tr = cfg.train
     micro_per_epoch = math.ceil(len(prep.train) / tr.batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // tr.grad_accum)
-    total_steps = run_steps(len(prep.train), tr)
+    steps_per_epoch = max(1, micro_per_epoch // (tr.grad_accum * dist.world))
+    total_steps = run_steps(len(prep.train), tr, dist.world)  # a step trains world × grad_accum micro-batches
 
     # 3) model + LoRA -------------------------------------------------------------------------
     base = M.load_base_model(ref, cfg, device)
@@ -129,8 +135,11 @@ def train(
 
         reference = capture_reference(model)
         model.peft_config["default"].init_lora_weights = True
-        model.save_pretrained(out_dir / "init_adapter")
+        if dist.main:
+            model.save_pretrained(out_dir / "init_adapter")
         model.peft_config["default"].init_lora_weights = cfg.lora.init
+    if dist.rank:  # the same LoRA init on every rank (DDP broadcasts rank 0's anyway), its own dropout
+        torch.manual_seed(cfg.train.seed + dist.rank)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and cfg.quant == "none")
 
     # 4) optimizer + schedule ----------------------------------------------------------------------
@@ -139,30 +148,65 @@ def train(
     sched = make_scheduler(opt, cfg, total_steps)
 
     # 5) resume -----------------------------------------------------------------------------------
-    step, tokens_seen, best_val, elapsed_before = 0, 0, None, 0.0
+    step, tokens_seen, best_val, elapsed_before, micro_start = 0, 0, None, 0.0, 0
     if resume_from:
         # verified first; a damaged newest checkpoint falls back to the one before it, saying so
-        state, used, skipped = C.resume(Path(resume_from), model, opt, sched)
+        state, used, skipped = C.resume(Path(resume_from), model, opt, sched, rank=dist.rank, world=dist.world)
         step, tokens_seen = state["step"], state["tokens_seen"]
         best_val, elapsed_before = state.get("best_val_loss"), state.get("elapsed_s", 0.0)
+        # the data continues where the stream stopped, whatever the number of processes was
+        micro_start = state.get("micro_batches", step * tr.grad_accum)
+        if state.get("world", 1) != dist.world:  # documented: the schedule continues, not bit-exact
+            sink.set_summary(summary={"resumed_with_world_size": f"{state.get('world', 1)} → {dist.world}"})
         if skipped:
             sink.set_summary(summary={"resumed_from": str(used), "resume_skipped": skipped})
-    est = estimate_memory(cfg, home, device, prep.facts(cfg))
+    est = estimate_memory(cfg, home, device, prep.facts(cfg), dist.world) if dist.main else None
     sink.set_summary(
         total_steps=total_steps, trainable_params=trainable, total_params=total, device=str(device), est_mem_gb=est
     )
+    sink.set_summary(devices=dist.label, world_size=dist.world)
     sink.log(step, {"total_steps": total_steps, "train/examples": len(prep.train), "val/examples": len(prep.val)})
 
-    packed = tr.packing and packing_agrees(
-        model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len, device, autocast
+    packed = (  # under FSDP every forward goes through the wrapper: padded layout, whole logits
+        tr.packing
+        and not dist.fsdp
+        and packing_agrees(model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len, device, autocast)
     )
     make_batch = (
         (lambda mb: D.collate_packed(mb, pad_id, tr.max_seq_len)) if packed else (lambda mb: D.collate(mb, pad_id))
     )
 
-    batches = D.micro_batches(len(prep.train), tr.batch_size, tr.seed)
-    for _ in range(step * tr.grad_accum):  # skip what was already trained; the order is a pure function
-        next(batches)
+    # after resume: DDP starts every rank from rank 0's weights. The stream skips what was already trained.
+    forward, opt = dist.prepare(model, opt)
+    batches = dist.steps(prep.train, tr, start=micro_start)
+    run_eval = lambda ex: evaluate(
+        forward if dist.fsdp else model, ex, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len
+    )
+
+    def write_adapter(name: str = R.ADAPTER_DIRNAME) -> Path | None:
+        weights = dist.adapter_state()  # every rank takes part (FSDP gathers); only rank 0 writes
+        return C.save_adapter(model, tok, out_dir, cfg, name, weights=weights) if dist.main else None
+
+    def write_checkpoint() -> Path | None:
+        weights, rngs = dist.adapter_state(), dist.rank_rngs()
+        if not dist.main:
+            return None
+        trained = {"micro_batches": micro_start + (step - steps_at_start) * tr.grad_accum * dist.world}
+        return C.save_checkpoint(
+            out_dir,
+            model,
+            None if dist.fsdp else opt,
+            sched,
+            step,
+            tokens_seen,
+            best_val,
+            elapsed_before + time.time() - t_start,
+            keep=R.KEEP_CHECKPOINTS,
+            extra_state={**trained, "world": dist.world},
+            rank_rngs=rngs,
+            weights=weights,
+        )
+
     hooks = build_hooks(cfg)
     state = TrainState(
         cfg,
@@ -176,8 +220,8 @@ def train(
         device,
         total_steps,
         step=step,
-        evaluate=lambda: evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len),
-        save_adapter=lambda name: C.save_adapter(model, tok, out_dir, cfg, name),
+        evaluate=lambda: dist.evaluate(prep.val, run_eval),  # every rank evaluates its share
+        save_adapter=write_adapter,
     )
     for h in hooks:
         h.on_start(state)
@@ -185,33 +229,32 @@ def train(
     # 6) the loop ---------------------------------------------------------------------------------
     model.train()
     loss_acc = torch.zeros((), device=device)  # summed on device: no host sync until a log step
-    tok_window, slot_window, t_window, t_loop = 0, 0, time.time(), time.time()
+    tok_window, own_window, slot_window, t_window, t_loop = 0, 0, 0, time.time(), time.time()
     steps_at_start = step
     last_loss, last_val, status, ckpt = None, None, "succeeded", None
     while step < total_steps:
-        if should_stop():
+        if dist.any(should_stop()):  # every rank stops at the same step
             status = "cancelled"
             break
-        micro = [[prep.train[i] for i in next(batches)] for _ in range(tr.grad_accum)]
-        step_slots = 0
-        n_label = sum(e.n_label_tokens for mb in micro for e in mb)  # normalise over the whole step
-        for mb in micro:
+        # this rank's micro-batches; target tokens and tokens of the whole step (all ranks), on the host
+        micro, n_label, step_tokens = next(batches)
+        for i, mb in enumerate(micro):
             batch = {k: v.to(device) for k, v in make_batch(mb).items()}
-            with autocast:
-                # Sum of per-token losses / target tokens of the whole step: every token weighs the same,
-                # however the step's examples are split into micro-batches.
-                loss = token_losses(model, batch, fast=packed).sum() / n_label
-                for term in (h.loss_term(state) for h in hooks):
-                    if term is not None:
-                        loss = loss + term / tr.grad_accum
-            loss.backward()
+            with dist.sync(forward, last=i == len(micro) - 1):  # gradients all-reduced once per step
+                with autocast:
+                    # Sum of per-token losses / target tokens of the whole step: every token weighs the same,
+                    # however the step is split into micro-batches and processes (× world: DDP averages).
+                    loss = forward(batch, packed).sum() * dist.world / n_label
+                    for term in (h.loss_term(state) for h in hooks):
+                        if term is not None:
+                            loss = loss + term / tr.grad_accum
+                dist.backward(loss)
             loss_acc += loss.detach()
-            step_slots += batch["input_ids"].numel()
-        step_tokens = sum(len(e.input_ids) for mb in micro for e in mb)  # counted on the host: no sync
+            slot_window += batch["input_ids"].numel()
+            own_window += sum(len(e.input_ids) for e in mb)
         tokens_seen += step_tokens
         tok_window += step_tokens
-        slot_window += step_slots
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm if tr.max_grad_norm > 0 else float("inf"))
+        grad_norm = dist.clip(params, tr.max_grad_norm if tr.max_grad_norm > 0 else float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -221,7 +264,7 @@ def train(
             h.after_step(state)
 
         if step % tr.log_every == 0 or step == total_steps:
-            last_loss, gn = float(loss_acc), float(grad_norm)  # the one host sync of the step
+            last_loss, gn = float(dist.mean(loss_acc)), float(grad_norm)  # the one host sync of the step
             if not (math.isfinite(last_loss) and math.isfinite(gn)):
                 raise TrainingDiverged(
                     f"loss became {last_loss} (grad norm {gn}) at step {step}; lower train.lr "
@@ -229,6 +272,7 @@ def train(
                 )
             now = time.time()
             rate = (step - steps_at_start) / max(1e-9, now - t_loop)
+            ranks = dist.rates(own_window, now - t_window) if dist.world > 1 else []  # per-rank throughput
             sink.log(
                 step,
                 {
@@ -237,15 +281,16 @@ def train(
                     "grad_norm": gn,
                     "tokens_per_s": tok_window / max(1e-9, now - t_window),
                     "tokens_seen": tokens_seen,
-                    "pad_frac": 1.0 - tok_window / max(1, slot_window),
+                    "pad_frac": 1.0 - own_window / max(1, slot_window),  # rank 0's micro-batches
                     "epoch": step / steps_per_epoch,
                     "elapsed_s": elapsed_before + now - t_start,
                     "eta_s": (total_steps - step) / max(rate, 1e-9),
                     "total_steps": total_steps,
                     "mem/peak_gb": peak_mem_gb(device, rss_base),
+                    **{f"rank{r}/tokens_per_s": v for r, v in enumerate(ranks)},
                 },
             )
-            tok_window, slot_window, t_window = 0, 0, now
+            tok_window, own_window, slot_window, t_window = 0, 0, 0, now
         loss_acc.zero_()
 
         if prep.val and (step % tr.eval_every == 0 or step == total_steps):
@@ -255,28 +300,19 @@ def train(
             for h in hooks:
                 h.after_eval(state, last_val)
         if tr.save_every and step % tr.save_every == 0 and step < total_steps:
-            ckpt = C.save_checkpoint(
-                out_dir,
-                model,
-                opt,
-                sched,
-                step,
-                tokens_seen,
-                best_val,
-                elapsed_before + time.time() - t_start,
-                keep=R.KEEP_CHECKPOINTS,
-            )
-            log_spectra(sink, step, model, reference)  # how the spectrum evolves, checkpoint by checkpoint
+            ckpt = write_checkpoint()
+            if dist.main:  # how the spectrum evolves, checkpoint by checkpoint
+                log_spectra(sink, step, model, reference, ckpt if dist.fsdp else None)
             sink.log(step, {"checkpoint": step})
-        if state.stop_reason:  # a hook ended the run (e.g. early stopping): saved below like any ending
+        if dist.any(state.stop_reason is not None):  # a hook ended the run (e.g. early stopping): saved below
             break
 
     # 7) adapter, spectra, summary ---------------------------------------------------------------------
     for h in hooks:
         h.on_end(state)
+    ckpt = write_checkpoint()
+    adapter_dir = write_adapter()
     elapsed = elapsed_before + time.time() - t_start
-    ckpt = C.save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=R.KEEP_CHECKPOINTS)
-    adapter_dir = C.save_adapter(model, tok, out_dir, cfg)
     extra = {
         **prep.stats(),
         "train_examples": len(prep.train),
@@ -286,12 +322,15 @@ def train(
         **({"stopped": state.stop_reason} if state.stop_reason else {}),
         **state.summary,
     }
-    log_spectra(sink, step, model, reference)
+    if dist.main:
+        log_spectra(sink, step, model, reference, adapter_dir if dist.fsdp else None)
+    dist.barrier()  # the other ranks wait for rank 0's files before they leave the process group
+    dist.end()
     result = TrainResult(
         status,
         step,
         total_steps,
-        str(adapter_dir),
+        str(adapter_dir or ""),
         str(ckpt) if ckpt else None,
         last_loss,
         best_val,
@@ -312,7 +351,7 @@ def train(
         tokens_seen=tokens_seen,
         duration_s=elapsed,
         peak_mem_gb=result.peak_mem_gb,
-        adapter_dir=str(adapter_dir),
+        adapter_dir=str(adapter_dir or ""),
         summary=extra,
     )
     return result
@@ -340,26 +379,31 @@ def make_optimizer(model, params, cfg: RunConfig, device: torch.device):
     return torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, fused=device.type == "cuda")
 
 
-def log_spectra(sink: MetricsSink, step: int, model, reference) -> None:
-    from engine.ml.spectra import model_spectra
+def log_spectra(sink: MetricsSink, step: int, model, reference, folder: Path | None = None) -> None:
+    """σ(ΔW) of every LoRA module, from the live model, or from a saved folder (FSDP: the live LoRA is sharded)."""
+    from engine.ml.spectra import adapter_spectra, model_spectra
 
-    spectra = model_spectra(model, reference)
+    spectra = adapter_spectra(folder) if folder is not None else model_spectra(model, reference)
     sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
 
 
-def estimate_memory(cfg: RunConfig, home: Path, device: torch.device, facts: DataFacts | None = None) -> float | None:
-    """The calculator's estimate for this run (GiB), stored beside the measured peak; with `facts` (the
-    prepared training split's token counts) sized on the micro-batches this run really builds.
+def estimate_memory(
+    cfg: RunConfig, home: Path, device: torch.device, facts: DataFacts | None = None, world: int = 1
+) -> float | None:
+    """The calculator's estimate for this run (GiB per device), stored beside the measured peak (rank 0's); with
+    `facts` (the prepared training split's token counts) sized on the micro-batches this run really builds.
 
     On CPU the measured figure is the growth of peak RSS over the process baseline, so the estimate's
     fixed runtime overhead (already in the baseline) is left out; on GPU it is max_memory_allocated,
     which does not see the CUDA context either.
     """
     from engine.core import estimate as E
+    from engine.core.devices import per_device_bytes
 
     anatomy = M.inspect_model(cfg.model, home, trust_remote_code=cfg.trust_remote_code)
     est = E.estimate(anatomy, cfg, device=device.type, bf16_capable=M.bf16_capable(device), data=facts)
-    return E.gb(est.allocated_bytes)
+    layers = anatomy.get("num_layers")
+    return E.gb(per_device_bytes(est, cfg.train.strategy, world, layers, base=est.allocated_bytes))
 
 
 # ---- saving and resuming ------------------------------------------------------------------------
