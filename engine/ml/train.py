@@ -27,11 +27,13 @@ from engine.core.batching import total_steps as run_steps
 from engine.core.config import RunConfig
 from engine.core.events import MetricsSink, NullSink
 from engine.core.home import data_home
+from engine.core.variants import MOVES_BASE
 from engine.ml import checkpoint as C
 from engine.ml import data as D
 from engine.ml import model as M
 from engine.ml.hooks import TrainState, build_hooks
 from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
+from engine.ml.spectra import model_spectra
 from engine.ml.steps import evaluate, packing_agrees, token_losses
 
 
@@ -119,10 +121,10 @@ def train(
     # 3) model + LoRA -------------------------------------------------------------------------
     base = M.load_base_model(ref, cfg, device)
     modules = M.describe(base)
-    model = M.attach_lora(base, cfg, modules, model_name=cfg.model)
+    model = M.attach_lora(base, cfg, modules, model_name=cfg.model, total_steps=total_steps)
     trainable, total = M.count_params(model)
     reference = None
-    if cfg.lora.init != "gaussian":
+    if cfg.lora.init in MOVES_BASE:
         # PiSSA/OLoRA change the base weight to W − B₀A₀; spectra must measure against the original W,
         # and the saved adapter is converted so that it applies to the original base.
         from engine.ml.spectra import capture_reference
@@ -178,6 +180,7 @@ def train(
         step=step,
         evaluate=lambda: evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len),
         save_adapter=lambda name: C.save_adapter(model, tok, out_dir, cfg, name),
+        spectra=lambda: model_spectra(model, reference),
     )
     for h in hooks:
         h.on_start(state)
@@ -214,11 +217,11 @@ def train(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm if tr.max_grad_norm > 0 else float("inf"))
         opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
         step += 1
         state.step = step
         for h in hooks:
-            h.after_step(state)
+            h.after_step(state)  # with the step's gradients (AdaLoRA's allocator reads them)
+        opt.zero_grad(set_to_none=True)
 
         if step % tr.log_every == 0 or step == total_steps:
             last_loss, gn = float(loss_acc), float(grad_norm)  # the one host sync of the step
@@ -266,7 +269,7 @@ def train(
                 elapsed_before + time.time() - t_start,
                 keep=R.KEEP_CHECKPOINTS,
             )
-            log_spectra(sink, step, model, reference)  # how the spectrum evolves, checkpoint by checkpoint
+            log_spectra(sink, step, state.spectra())  # how the spectrum evolves, checkpoint by checkpoint
             sink.log(step, {"checkpoint": step})
         if state.stop_reason:  # a hook ended the run (e.g. early stopping): saved below like any ending
             break
@@ -276,7 +279,7 @@ def train(
         h.on_end(state)
     elapsed = elapsed_before + time.time() - t_start
     ckpt = C.save_checkpoint(out_dir, model, opt, sched, step, tokens_seen, best_val, elapsed, keep=R.KEEP_CHECKPOINTS)
-    adapter_dir = C.save_adapter(model, tok, out_dir, cfg)
+    adapter_dir = state.save_adapter(R.ADAPTER_DIRNAME)
     extra = {
         **prep.stats(),
         "train_examples": len(prep.train),
@@ -286,7 +289,7 @@ def train(
         **({"stopped": state.stop_reason} if state.stop_reason else {}),
         **state.summary,
     }
-    log_spectra(sink, step, model, reference)
+    log_spectra(sink, step, state.spectra())
     result = TrainResult(
         status,
         step,
@@ -340,10 +343,7 @@ def make_optimizer(model, params, cfg: RunConfig, device: torch.device):
     return torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, fused=device.type == "cuda")
 
 
-def log_spectra(sink: MetricsSink, step: int, model, reference) -> None:
-    from engine.ml.spectra import model_spectra
-
-    spectra = model_spectra(model, reference)
+def log_spectra(sink: MetricsSink, step: int, spectra) -> None:
     sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
 
 
