@@ -71,7 +71,7 @@ def jagged(schedule, every: int, warmup: int):
     def factor(step: int) -> float:
         if warmup <= 0 or step < every:
             return 1.0
-        return min(1.0, (step % every) / warmup)
+        return min(1.0, (step % every + 1) / warmup)  # the first step after a restart at lr/warmup, not 0
 
     return lambda step: schedule(step) * factor(step)
 
