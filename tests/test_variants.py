@@ -13,7 +13,7 @@ from engine.ml.train import train
 QV = ["q_proj", "v_proj"]
 
 
-def cfg_for(model_dir, data, lora, **train):
+def cfg_for(model_dir, data, lora, top=None, **train):
     t = {
         "lr": 1e-2,
         "max_steps": 8,
@@ -27,7 +27,7 @@ def cfg_for(model_dir, data, lora, **train):
         **train,
     }
     lo = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "qv", **lora}
-    return RunConfig.from_dict({"model": str(model_dir), "dataset": str(data), "lora": lo, "train": t})
+    return RunConfig.from_dict({"model": str(model_dir), "dataset": str(data), "lora": lo, "train": t, **(top or {})})
 
 
 def fresh(model_dir):

@@ -10,10 +10,11 @@ was loaded with, and the best rank-r approximation of the error W − Q(W) (SVD,
 works on any plain 4-bit load of the base (LoftQ's further steps re-quantize W − s·B·A and would need a
 changed base checkpoint).
 
-Why not peft's own function: in peft 0.21 `replace_lora_weights_loftq` (and `init_lora_weights="loftq"`) move
-the weights to "cuda" (or "xpu") unconditionally, so they cannot run on a CPU, and they set B·A to the error
-without the scaling s = α/r (peft issue #1982), so s·B·A is the error only when α = r. Here the same
-decomposition runs on the weights' own device and A, B are divided by √s each.
+On an accelerator this is peft's own `replace_lora_weights_loftq`; on a CPU it cannot run (peft 0.21 moves the
+weights to "cuda" or "xpu" unconditionally), so the same decomposition (peft's `_low_rank_decomposition`, its
+`_SafetensorLoader`) runs on the weights' own device. peft sets B·A to the error without the scaling s = α/r
+(peft issue #1982), so s·B·A would be the error only when α = r: both paths divide A and B by √s each. The
+accelerator path is written but not exercised by the CPU test suite.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def loftq_initialise(peft_model, model_path: str | None = None, adapter_name: st
     if model_path is None:
         source = getattr(peft_model.get_base_model().config, "_name_or_path", None)
         model_path = source if source and Path(source).is_dir() else None
+    if next(peft_model.parameters()).device.type in ("cuda", "xpu"):  # peft's own function runs there
+        return _peft_loftq(peft_model, model_path, adapter_name)
     loader = _SafetensorLoader(peft_model, model_path)
     done = 0
     for name, module in peft_model.named_modules():
@@ -55,6 +58,26 @@ def loftq_initialise(peft_model, model_path: str | None = None, adapter_name: st
         lora_A.copy_((low["R"] / root).to(lora_A.dtype))  # (r, in)
         lora_B.copy_((low["L"] / root).to(lora_B.dtype))  # (out, r): s·B·A = L·R
         done += 1
+    if not done:
+        raise ValueError("LoftQ found no 4-bit LoRA layer; lora.init = 'loftq' needs quant = '4bit'")
+    return done
+
+
+@torch.no_grad()
+def _peft_loftq(peft_model, model_path: str | None, adapter_name: str) -> int:
+    """On an accelerator: peft's replace_lora_weights_loftq (B·A = the rank-r error), then A, B divided by √s so
+    that s·B·A is the error for any α (peft issue #1982). Not run by the CPU test suite."""
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import replace_lora_weights_loftq
+
+    replace_lora_weights_loftq(peft_model, model_path, adapter_name)
+    done = 0
+    for module in peft_model.modules():
+        if isinstance(module, Linear4bit) and adapter_name in module.lora_A:
+            root = math.sqrt(module.scaling[adapter_name])
+            module.lora_A[adapter_name].weight.div_(root)
+            module.lora_B[adapter_name].weight.div_(root)
+            done += 1
     if not done:
         raise ValueError("LoftQ found no 4-bit LoRA layer; lora.init = 'loftq' needs quant = '4bit'")
     return done
