@@ -343,3 +343,25 @@ def test_importing_the_tabs_does_not_import_torch():
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_importance_heatmap_comes_from_the_engine_and_prefills_a_lora_drop_run(trained):
+    from ui import importance_panel as P
+    from ui.backend import Backend
+    from ui.train_form import FORM_FIELDS
+
+    store, ids, home = trained
+    sources = S.load_runs([ids["dora4"]], {}, store=store)[0]
+    label = next(iter(sources))
+    heat, share, note, kept = P.importance_view(sources, label, "", 4, 0.9, backend=Backend(home))
+    report = Backend(home).run(["importance", str(ids["dora4"]), "--examples", "4", "--json"], 300)
+    assert report["cached"] is True and report["examples"] == 4  # the panel's call filled the engine's cache
+    z = heat.data[0].z
+    assert list(heat.data[0].x) == ["q_proj", "v_proj"] and list(heat.data[0].y) == [0, 1]
+    assert z[1][0] == pytest.approx(report["modules"]["model.layers.1.self_attn.q_proj"])
+    assert all(v > 0 for row in z for v in row)
+    assert [t.name for t in share.data] == ["share", "cumulative share"]
+    assert share.data[1].y[-1] == pytest.approx(1.0) and kept == ",".join(map(str, report["keep"]["layers"]))
+    assert "4 examples" in note and "layers carrying 90%" in note
+    form = P.prefill_kept(sources, label, kept, None, store=store)
+    assert form[FORM_FIELDS.index("layers")] == kept and form[FORM_FIELDS.index("use_dora")] is True
