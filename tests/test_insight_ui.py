@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -365,3 +366,22 @@ def test_importance_heatmap_comes_from_the_engine_and_prefills_a_lora_drop_run(t
     assert "4 examples" in note and "layers carrying 90%" in note
     form = P.prefill_kept(sources, label, kept, None, store=store)
     assert form[FORM_FIELDS.index("layers")] == kept and form[FORM_FIELDS.index("use_dora")] is True
+
+
+def test_adalora_views_show_final_ranks_and_the_budget_only_for_adalora():
+    from ui import rank_panel as R
+
+    note = "AdaLoRA: ΔW = P·Λ·Q·α/r; pruned singular values are 0"
+    modules = {
+        "model.layers.0.self_attn.q_proj": {"sigma": [0.3, 0.1, 0.0, 0.0], "note": note},
+        "model.layers.1.self_attn.q_proj": {"sigma": [0.5, 0.2, 0.1, 0.0], "note": note},
+        "model.layers.1.mlp.up_proj": {"sigma": [0.0, 0.0, 0.0, 0.0], "note": note},
+    }
+    series = {"adalora/budget": [(0, 12.0), (5, 8.0)], "adalora/rank_total": [(0, 12.0), (5, 5.0)]}
+    store = SimpleNamespace(metric_series=lambda run_id, name: series[name])
+    heat, budget = R.rank_view({"a": {"run_id": 7, "modules": modules}}, "a", store=store)
+    assert heat["visible"] and [list(row) for row in heat["value"].data[0].z] == [[2, None], [3, 0]]
+    assert "total 5" in heat["value"].layout.title.text
+    assert [t.name for t in budget["value"].data] == list(R.SERIES) and budget["value"].data[1].y == (12.0, 5.0)
+    plain = {"b": {"run_id": 8, "modules": {"model.layers.0.q": {"sigma": [1.0], "note": ""}}}}
+    assert [u["visible"] for u in R.rank_view(plain, "b", store=store)] == [False, False]

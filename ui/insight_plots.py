@@ -302,3 +302,13 @@ def share_figure(ranked: Sequence[tuple[int, float, float]], *, keep: float | No
         fig.add_hline(y=keep, line_dash="dash", line_color="#e45756", annotation_text=f"keep {keep:.0%}")
     fig.update_yaxes(range=[0, 1.05])
     return fig
+
+
+def budget_figure(series: Mapping[str, Sequence[tuple[int, float]]], *, title: str) -> go.Figure:
+    """AdaLoRA's rank budget over the run: one line per series (the scheduler's budget, the ranks kept)."""
+    fig = go.Figure(layout=dict(LAYOUT, title=title, height=300, xaxis_title="step", yaxis_title="singular values"))
+    if not any(series.values()):
+        return _empty(fig, "no budget recorded")
+    for name, points in series.items():
+        fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points], name=name, mode="lines"))
+    return fig

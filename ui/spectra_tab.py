@@ -30,6 +30,7 @@ from engine.core.spectrum import record_stats, summarize
 from ui.errors import warn
 from ui.importance_panel import importance_section, wire_importance
 from ui.insight_plots import heatmap_figure, sigma_figure, similarity_figure, steps_figure
+from ui.rank_panel import rank_section, wire_ranks
 
 MAX_CURVES = 48
 SPECTRA_TIMEOUT_S = 180.0
@@ -399,6 +400,7 @@ def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
         w.fro_plot = gr.Plot(heatmap_figure([], [], [], title="‖ΔW‖_F"))
         w.eff_plot = gr.Plot(heatmap_figure([], [], [], title="effective rank"))
     w.mag_plot = gr.Plot(visible=False, label="DoRA magnitude change")
+    rank_section(w)
     importance_section(w)
     gr.Markdown("### One module over the run's checkpoints")
     with gr.Row():
@@ -408,6 +410,7 @@ def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
     phi_section(w)
     wire_spectra(w, store, backend)
     wire_importance(w, backend)
+    wire_ranks(w, store)
     refresh = (partial(refresh_runs, store=store), None, [w.run_pick])
     new_run = (w.imp_run_btn, [w.sources, w.heat_source, w.imp_layers])
     return SpectraTab(w.sources, w.run_pick, w.sigma_plot, refresh=refresh, new_run=new_run)
