@@ -385,3 +385,21 @@ def test_adalora_views_show_final_ranks_and_the_budget_only_for_adalora():
     assert [t.name for t in budget["value"].data] == list(R.SERIES) and budget["value"].data[1].y == (12.0, 5.0)
     plain = {"b": {"run_id": 8, "modules": {"model.layers.0.q": {"sigma": [1.0], "note": ""}}}}
     assert [u["visible"] for u in R.rank_view(plain, "b", store=store)] == [False, False]
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera"])
+def test_calculator_counts_equal_peft_for_adalora_and_vera(tiny_llama_dir, anatomy_of, method):
+    from peft import get_peft_model
+
+    from engine.ml.model import describe, load_base_model, lora_config, pick_device
+
+    anatomy = anatomy_of(tiny_llama_dir)
+    k = dict(r=8, targets="all-linear", method=method)
+    cfg = C.calc_config(anatomy, dict(zip(C.KNOBS, knobs(**k))))
+    summary = C.estimate_panel(anatomy, "cpu", 0, *knobs(**k))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = load_base_model(str(tiny_llama_dir), cfg, pick_device())
+        peft_model = get_peft_model(base, lora_config(cfg, describe(base), total_steps=100))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert f"**Trainable: {trainable:,}** parameters" in summary and f"of {total:,})" in summary
