@@ -103,3 +103,23 @@ def test_vera_counts_training_and_spectra(tiny_llama_dir, chat_jsonl, tmp_path, 
     modules = anatomy_of(tiny_llama_dir)["modules"]
     shapes = {m["name"]: (m["in"], m["out"]) for m in modules}
     assert_spectra_are_svds_of_peft_delta(res.adapter_dir, tiny_llama_dir, shapes)
+
+
+def test_impossible_variant_combinations_are_refused_one_line_each():
+    from engine.core.config import ConfigError
+
+    def problems(**d):
+        with pytest.raises(ConfigError) as e:
+            RunConfig.from_dict({"model": "m", "dataset": "d.jsonl", **d})
+        return e.value.problems
+
+    assert problems(lora={"method": "adalora", "use_dora": True}) == [
+        "lora.use_dora with lora.method = 'adalora': AdaLoRA has its own parametrisation; turn one off"
+    ]
+    assert (
+        "lora.adalora_target_r = 9: must be 1 to lora.r = 8"
+        in problems(lora={"method": "adalora", "adalora_target_r": 9})[0]
+    )
+    assert problems(lora={"init": "loftq"})[0].startswith("lora.init = 'loftq' with quant = 'none'")
+    assert problems(quant="4bit", train={"relora_every": 20})[0].startswith("train.relora_every with quant = '4bit'")
+    assert problems(lora={"method": "dora"})[0].startswith("lora.method = 'dora': must be one of lora, adalora, vera")
