@@ -4,10 +4,12 @@ the plot builders. No browser, no server."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -343,3 +345,64 @@ def test_importing_the_tabs_does_not_import_torch():
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_importance_heatmap_comes_from_the_engine_and_prefills_a_lora_drop_run(trained):
+    from engine.core import importance as I
+    from ui import importance_panel as P
+    from ui.backend import Backend
+    from ui.train_form import FORM_FIELDS
+
+    store, ids, home = trained
+    sources = S.load_runs([ids["dora4"]], {}, store=store)[0]
+    label = next(iter(sources))
+    heat, share, note, kept = P.importance_view(sources, label, "", 4, 0.9, backend=Backend(home))
+    (cached,) = (home / "cache" / "importance").glob("*.json")  # the engine's own report, cached by its child
+    report = {**json.loads(cached.read_text()), "keep": {"layers": [int(x) for x in kept.split(",")]}}
+    assert report["examples"] == 4 and I.keep_layers(report["modules"], 0.9) == report["keep"]["layers"]
+    z = heat.data[0].z
+    assert list(heat.data[0].x) == ["q_proj", "v_proj"] and list(heat.data[0].y) == [0, 1]
+    assert z[1][0] == pytest.approx(report["modules"]["model.layers.1.self_attn.q_proj"])
+    assert all(v > 0 for row in z for v in row)
+    assert [t.name for t in share.data] == ["share", "cumulative share"]
+    assert share.data[1].y[-1] == pytest.approx(1.0) and kept == ",".join(map(str, report["keep"]["layers"]))
+    assert "4 examples" in note and "layers carrying 90%" in note
+    form = P.prefill_kept(sources, label, kept, None, store=store)
+    assert form[FORM_FIELDS.index("layers")] == kept and form[FORM_FIELDS.index("use_dora")] is True
+
+
+def test_adalora_views_show_final_ranks_and_the_budget_only_for_adalora():
+    from ui import rank_panel as R
+
+    note = "AdaLoRA: ΔW = P·Λ·Q·α/r; pruned singular values are 0"
+    modules = {
+        "model.layers.0.self_attn.q_proj": {"sigma": [0.3, 0.1, 0.0, 0.0], "note": note},
+        "model.layers.1.self_attn.q_proj": {"sigma": [0.5, 0.2, 0.1, 0.0], "note": note},
+        "model.layers.1.mlp.up_proj": {"sigma": [0.0, 0.0, 0.0, 0.0], "note": note},
+    }
+    series = {"adalora/budget": [(0, 12.0), (5, 8.0)], "adalora/rank_total": [(0, 12.0), (5, 5.0)]}
+    store = SimpleNamespace(metric_series=lambda run_id, name: series[name])
+    heat, budget = R.rank_view({"a": {"run_id": 7, "modules": modules}}, "a", store=store)
+    assert heat["visible"] and [list(row) for row in heat["value"].data[0].z] == [[2, None], [3, 0]]
+    assert "total 5" in heat["value"].layout.title.text
+    assert [t.name for t in budget["value"].data] == list(R.SERIES) and budget["value"].data[1].y == (12.0, 5.0)
+    plain = {"b": {"run_id": 8, "modules": {"model.layers.0.q": {"sigma": [1.0], "note": ""}}}}
+    assert [u["visible"] for u in R.rank_view(plain, "b", store=store)] == [False, False]
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera"])
+def test_calculator_counts_equal_peft_for_adalora_and_vera(tiny_llama_dir, anatomy_of, method):
+    from peft import get_peft_model
+
+    from engine.ml.model import describe, load_base_model, lora_config, pick_device
+
+    anatomy = anatomy_of(tiny_llama_dir)
+    k = dict(r=8, targets="all-linear", method=method)
+    cfg = C.calc_config(anatomy, dict(zip(C.KNOBS, knobs(**k))))
+    summary = C.estimate_panel(anatomy, "cpu", 0, *knobs(**k))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = load_base_model(str(tiny_llama_dir), cfg, pick_device())
+        peft_model = get_peft_model(base, lora_config(cfg, describe(base), total_steps=100))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert f"**Trainable: {trainable:,}** parameters" in summary and f"of {total:,})" in summary

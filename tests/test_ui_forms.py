@@ -121,6 +121,17 @@ NON_DEFAULT = dict(
     threads=1,
     devices="0,1",
     strategy="fsdp",
+    # issue 17: AdaLoRA/VeRA settings (used only with their method) and ReLoRA's (forms 3 and 4 below)
+    method="lora",
+    adalora_target_r=3,
+    adalora_tinit=2,
+    adalora_tfinal=1,
+    adalora_delta_t=5,
+    adalora_orth_reg=0.1,
+    vera_d_initial=0.05,
+    relora_every=0,
+    relora_reset=0.9,
+    relora_warmup=2,
 )
 
 
@@ -153,6 +164,12 @@ def test_config_from_form_maps_every_field():
         init="gaussian",
         loraplus_lr_ratio=16.0,
         freeze_A=True,
+        adalora_target_r=3,
+        adalora_tinit=2,
+        adalora_tfinal=1,
+        adalora_delta_t=5,
+        adalora_orth_reg=0.1,
+        vera_d_initial=0.05,
     )
     assert cfg.train == TrainSpec(
         lr=5e-4,
@@ -175,14 +192,22 @@ def test_config_from_form_maps_every_field():
         threads=1,
         devices="0,1",
         strategy="fsdp",
+        relora_reset=0.9,
+        relora_warmup=2,
     )
     cfg2 = T.config_from_form({**NON_DEFAULT, "quant": "none", "init": "pissa", "freeze_A": False})
     assert cfg2.lora.init == "pissa"
-    # every field of RunConfig, LoraSpec and TrainSpec differs from its default in cfg or cfg2
-    for section, spec in ((None, cfg), ("lora", cfg.lora), ("train", cfg.train)):
-        other = {None: cfg2, "lora": cfg2.lora, "train": cfg2.train}[section]
+    plain = {**NON_DEFAULT, "quant": "none", "use_dora": False, "freeze_A": False}
+    no_lora_extras = {"use_rslora": False, "loraplus_lr_ratio": 0.0}
+    cfg3 = T.config_from_form({**plain, **no_lora_extras, "method": "adalora"})
+    cfg4 = T.config_from_form({**plain, "relora_every": 4})
+    assert (cfg3.lora.method, cfg4.train.relora_every) == ("adalora", 4)
+    # every field of RunConfig, LoraSpec and TrainSpec differs from its default in one of the forms
+    forms = (cfg, cfg2, cfg3, cfg4)
+    for section in (None, "lora", "train"):
+        specs = [c if section is None else getattr(c, section) for c in forms]
         for name, meta in field_help(section).items():
-            assert getattr(spec, name) != meta["default"] or getattr(other, name) != meta["default"], name
+            assert any(getattr(spec, name) != meta["default"] for spec in specs), name
 
 
 def test_form_round_trip_and_model_picker():

@@ -26,6 +26,7 @@ import gradio as gr
 
 from ui.backend import Backend
 from ui.history_tab import build_history_tab
+from ui.importance_panel import prefill_kept
 from ui.run_lists import wire_run_lists
 from ui.train_form import FORM_FIELDS, prefill_form
 from ui.train_tab import build_train_tab
@@ -102,6 +103,14 @@ def build_app(
             [*(train.form[k] for k in FORM_FIELDS), train.preset, train.anatomy, tabs],
             api_name="relaunch",
         )
+        if getattr(built.get("spectra"), "new_run", None):  # LoRA-drop: a run on the layers that matter
+            button, inputs = built["spectra"].new_run
+            button.click(
+                partial(prefill_kept, store=store),
+                [*inputs, train.anatomy],
+                [*(train.form[k] for k in FORM_FIELDS), train.preset, train.anatomy, tabs],
+                api_name="importance_new_run",
+            )
     demo.loralab_tabs = {k: v for k, v in built.items() if v is not None}  # what each build_X_tab returned
     return demo
 

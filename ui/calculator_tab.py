@@ -25,7 +25,16 @@ import pandas as pd
 
 from engine.core import estimate as E
 from engine.core.batching import DataFacts
-from engine.core.config import DTYPES, EMBEDDED_MODEL, QUANT_MODES, TARGET_PRESETS, ConfigError, RunConfig, field_help
+from engine.core.config import (
+    DTYPES,
+    EMBEDDED_MODEL,
+    METHODS,
+    QUANT_MODES,
+    TARGET_PRESETS,
+    ConfigError,
+    RunConfig,
+    field_help,
+)
 from ui.errors import warn
 from ui.insight_plots import accuracy_figure, memory_figure
 
@@ -48,6 +57,7 @@ KNOBS = (
     "gradient_checkpointing",
     "packing",
     "target_frac",
+    "method",
 )
 KNOB_DEFAULTS = {
     "r": 8,
@@ -65,6 +75,7 @@ KNOB_DEFAULTS = {
     "gradient_checkpointing": False,
     "packing": True,
     "target_frac": 1.0,
+    "method": "lora",
 }
 DEVICE_DEFAULT, BUDGET_DEFAULT = "cuda", 16.0
 RUN_COLUMNS = ["run", "status", "device", "setup", "estimated GB", "measured GB", "error %", "measured as"]
@@ -133,6 +144,7 @@ def calc_config(anatomy: Mapping[str, Any], knobs: Mapping[str, Any]) -> RunConf
                 "use_rslora": bool(knobs["use_rslora"]),
                 "use_dora": bool(knobs["use_dora"]),
                 "freeze_A": bool(knobs["freeze_A"]),
+                "method": knobs.get("method") or "lora",
             },
             "train": {
                 "batch_size": int(knobs["batch_size"]),
@@ -438,6 +450,7 @@ def knob_widgets(k: dict[str, Any], w, initial: Mapping[str, Any] | None, device
         k["use_rslora"] = gr.Checkbox(D["use_rslora"], label="rsLoRA")
         k["use_dora"] = gr.Checkbox(D["use_dora"], label="DoRA", info="+ one magnitude vector per module")
         k["freeze_A"] = gr.Checkbox(D["freeze_A"], label="LoRA-FA (freeze A)")
+    k["method"] = gr.Radio(list(METHODS), value=D["method"], label="Update shape", info=HL["method"]["help"])
     with gr.Row():
         k["quant"] = gr.Radio(list(QUANT_MODES), value=D["quant"], label="Quantization", info=H["quant"]["help"])
         k["dtype"] = gr.Radio(list(DTYPES), value=D["dtype"], label="Compute dtype")

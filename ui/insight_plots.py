@@ -285,3 +285,30 @@ def similarity_figure(
     fig.update_yaxes(autorange="reversed", dtick=1 if len(grid) <= 32 else None)  # the paper's layout: i = 1 on top
     fig.update_xaxes(dtick=1 if len(grid[0]) <= 32 else None)
     return fig
+
+
+def share_figure(ranked: Sequence[tuple[int, float, float]], *, keep: float | None = None, title: str) -> go.Figure:
+    """LoRA-drop's view: each layer's share of the output importance (bars, most important first) and the
+    cumulative share (line), with the keep threshold as a dashed line."""
+    fig = go.Figure(
+        layout=dict(LAYOUT, title=title, height=300, xaxis_title="layer (most important first)", yaxis_title="share")
+    )
+    if not ranked:
+        return _empty(fig, "no importance measured yet")
+    x = [f"L{layer}" for layer, _, _ in ranked]
+    fig.add_trace(go.Bar(x=x, y=[s for _, s, _ in ranked], name="share", marker_color="#4c78a8"))
+    fig.add_trace(go.Scatter(x=x, y=[c for _, _, c in ranked], name="cumulative share", mode="lines+markers"))
+    if keep is not None:
+        fig.add_hline(y=keep, line_dash="dash", line_color="#e45756", annotation_text=f"keep {keep:.0%}")
+    fig.update_yaxes(range=[0, 1.05])
+    return fig
+
+
+def budget_figure(series: Mapping[str, Sequence[tuple[int, float]]], *, title: str) -> go.Figure:
+    """AdaLoRA's rank budget over the run: one line per series (the scheduler's budget, the ranks kept)."""
+    fig = go.Figure(layout=dict(LAYOUT, title=title, height=300, xaxis_title="step", yaxis_title="singular values"))
+    if not any(series.values()):
+        return _empty(fig, "no budget recorded")
+    for name, points in series.items():
+        fig.add_trace(go.Scatter(x=[s for s, _ in points], y=[v for _, v in points], name=name, mode="lines"))
+    return fig

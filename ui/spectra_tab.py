@@ -28,7 +28,9 @@ from engine.core.config import parse_layers
 from engine.core.runs import saved_adapter
 from engine.core.spectrum import record_stats, summarize
 from ui.errors import warn
+from ui.importance_panel import importance_section, wire_importance
 from ui.insight_plots import heatmap_figure, sigma_figure, similarity_figure, steps_figure
+from ui.rank_panel import rank_section, wire_ranks
 
 MAX_CURVES = 48
 SPECTRA_TIMEOUT_S = 180.0
@@ -370,6 +372,7 @@ class SpectraTab:
     run_pick: Any
     sigma_plot: Any
     refresh: Any = None  # (fn, inputs, outputs): the run picker's choices, on page load and when runs change
+    new_run: Any = None  # (button, [sources, source, kept layers]): LoRA-drop's New run (wired by ui/__init__)
 
 
 def refresh_runs(*, store):
@@ -397,6 +400,8 @@ def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
         w.fro_plot = gr.Plot(heatmap_figure([], [], [], title="‖ΔW‖_F"))
         w.eff_plot = gr.Plot(heatmap_figure([], [], [], title="effective rank"))
     w.mag_plot = gr.Plot(visible=False, label="DoRA magnitude change")
+    rank_section(w)
+    importance_section(w)
     gr.Markdown("### One module over the run's checkpoints")
     with gr.Row():
         w.ckpt_run = gr.Dropdown([], label="Run")
@@ -404,8 +409,11 @@ def build_spectra_tab(store, runner, home: Path, backend) -> SpectraTab:
     w.ckpt_plot = gr.Plot(steps_figure({}, module="module"))
     phi_section(w)
     wire_spectra(w, store, backend)
+    wire_importance(w, backend)
+    wire_ranks(w, store)
     refresh = (partial(refresh_runs, store=store), None, [w.run_pick])
-    return SpectraTab(sources=w.sources, run_pick=w.run_pick, sigma_plot=w.sigma_plot, refresh=refresh)
+    new_run = (w.imp_run_btn, [w.sources, w.heat_source, w.imp_layers])
+    return SpectraTab(w.sources, w.run_pick, w.sigma_plot, refresh=refresh, new_run=new_run)
 
 
 def sources_section(w, store) -> None:

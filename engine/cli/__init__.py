@@ -5,6 +5,7 @@
     python -m engine show ID [--json]                      # one run: config, status, losses, paths
     python -m engine generate --run ID --prompt "Who are you?"
     python -m engine inspect MODEL [--json]                # architecture and LoRA-able modules
+    python -m engine importance ID [--dataset D] [--json]  # LoRA-drop's output importance per module
     loralab app [--port 8080 ...]                          # the web app (app.py, ui/server.py)
 
 Global flags: --home DIR (data home, default $LORALAB_HOME or ~/.loralab), --db-url URL (another
@@ -19,12 +20,12 @@ import argparse
 import os
 import sys
 
-from engine.cli import chat, check, hub, insight, model, queue, train
+from engine.cli import chat, check, hub, importance, insight, model, queue, train
 from engine.cli.common import fail, internal_error, is_user_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SUBCOMMANDS = (train, queue, model, check, chat, insight, hub)  # each has register(subparsers)
+SUBCOMMANDS = (train, queue, model, check, chat, insight, importance, hub)  # each has register(subparsers)
 
 
 def cmd_app(args) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.cli.common import fail, key_error, open_store, print_json
+from engine.cli.common import fail, home_of, key_error, open_store, print_json
 from engine.core.runs import adapter_dir, is_adapter_folder
 
 # What φ compares (Hu et al., LoRA §7.2, App. G): which factor's singular directions, on which side.
@@ -36,7 +36,7 @@ def cmd_spectra(args) -> int:
     from engine.ml import spectra as S
 
     try:
-        spectra = S.adapter_spectra(target)
+        spectra = S.adapter_spectra(target, shapes=vera_shapes(args, target))
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e))
     if args.json:
@@ -50,6 +50,19 @@ def cmd_spectra(args) -> int:
             f"{m.energy_topk.get(1, 0):12.1%}"
         )
     return 0
+
+
+def vera_shapes(args, folder: Path) -> dict[str, tuple[int, int]] | None:
+    """For a VeRA folder, every module's (in, out) from its base model's anatomy (built without weights)."""
+    import json
+
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("peft_type") != "VERA":
+        return None
+    from engine.ml.model import inspect_model
+
+    anatomy = inspect_model(str(config.get("base_model_name_or_path") or ""), home_of(args))
+    return {m["name"]: (m["in"], m["out"]) for m in anatomy["modules"]}
 
 
 def similarity(args) -> int:

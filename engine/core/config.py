@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from engine.core import variants as V
 from engine.core.data_fields import DATASET_COLUMNS, TEXT_SPLITS, parse_columns, validate_data
 from engine.core.devices import DEVICES_HELP, STRATEGIES, STRATEGY_HELP, normalize_devices, validate_devices
 
@@ -34,7 +35,8 @@ BUILTIN_DATASETS = {
 TARGET_PRESETS = ("qv", "attention", "mlp", "all-linear")
 QUANT_MODES = ("none", "8bit", "4bit")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-INITS = ("gaussian", "pissa", "olora")
+INITS = ("gaussian", "pissa", "olora", "loftq")
+METHODS = V.METHODS
 SCHEDULERS = ("cosine", "linear", "constant")
 DATASET_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 TRAIN_ON = ("responses", "all")
@@ -45,12 +47,9 @@ class ConfigError(ValueError):
     """A config with one or more problems; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        n = len(self.problems)
-        if n == 1:  # one line: the field, the bad value and the fix
-            super().__init__(self.problems[0])
-            return
-        super().__init__(f"config has {n} problems:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        self.problems, n = list(problems), len(problems)  # one problem: one line (field, bad value, the fix)
+        listed = f"config has {n} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(self.problems[0] if n == 1 else listed)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -116,7 +115,8 @@ class LoraSpec:
         default="gaussian",
         metadata=_help(
             "How A and B start. gaussian: A random, B = 0 (ΔW = 0 at step 0). pissa: A, B from the top singular "
-            "vectors of W (faster convergence; the base weight is changed to W − BA). olora: QR-based orthonormal init.",
+            "vectors of W (faster convergence; the base weight is changed to W − BA). olora: QR-based orthonormal init. "
+            + V.HELP["init_loftq"],
             choices=INITS,
         ),
     )
@@ -134,6 +134,14 @@ class LoraSpec:
             "memory (the full-width input of A need not be kept) and halves LoRA's optimizer state."
         ),
     )
+    # ---- issue 17: the update's shape (AdaLoRA, VeRA); help texts and rules in engine.core.variants ----
+    method: str = field(default="lora", metadata=_help(V.HELP["method"], choices=METHODS))
+    adalora_target_r: int = field(default=4, metadata=_help(V.HELP["adalora_target_r"]))
+    adalora_tinit: int = field(default=0, metadata=_help(V.HELP["adalora_tinit"]))
+    adalora_tfinal: int = field(default=0, metadata=_help(V.HELP["adalora_tfinal"]))
+    adalora_delta_t: int = field(default=1, metadata=_help(V.HELP["adalora_delta_t"]))
+    adalora_orth_reg: float = field(default=0.5, metadata=_help(V.HELP["adalora_orth_reg"]))
+    vera_d_initial: float = field(default=0.1, metadata=_help(V.HELP["vera_d_initial"]))
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,10 @@ class TrainSpec:
     # scale-out (issue 14): data-parallel processes (torchrun) and how they share the model
     devices: str = field(default="auto", metadata=_help(DEVICES_HELP))
     strategy: str = field(default="ddp", metadata=_help(STRATEGY_HELP, choices=STRATEGIES))
+    # ---- issue 17: ReLoRA (help texts and rules in engine.core.variants) ----
+    relora_every: int = field(default=0, metadata=_help(V.HELP["relora_every"]))
+    relora_reset: float = field(default=0.99, metadata=_help(V.HELP["relora_reset"]))
+    relora_warmup: int = field(default=10, metadata=_help(V.HELP["relora_warmup"]))
 
 
 @dataclass(frozen=True)
@@ -398,6 +410,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("dtype = 'fp16' with quant: use bf16 or fp32 as the compute dtype of quantized layers")
     _validate_lora(cfg, p)
     _validate_train(tr, p)
+    p.extend(V.problems(cfg))  # AdaLoRA, VeRA, LoftQ, ReLoRA
     return list(p)
 
 
@@ -432,7 +445,7 @@ def _validate_lora(cfg: RunConfig, p: _Problems) -> None:
     )
     if lo.use_dora and cfg.quant == "8bit":
         p.append("lora.use_dora with quant = '8bit': peft's DoRA does not support 8-bit layers; use 4bit or none")
-    if lo.init != "gaussian" and cfg.quant != "none":
+    if lo.init in V.MOVES_BASE and cfg.quant != "none":
         p.append(
             f"lora.init = {shown(lo.init)} with quant = {shown(cfg.quant)}: PiSSA/OLoRA need the full-precision weight "
             "to factorise; use quant none or init gaussian"

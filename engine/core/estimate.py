@@ -19,19 +19,18 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
+from engine.core import variants as V
 from engine.core.anatomy import resolve_dtype, resolve_targets
 from engine.core.batching import DataFacts, packing_check_shape, run_batch_shapes
 from engine.core.config import ConfigError, RunConfig, TrainSpec
 from engine.core.memory import (
     ADAM_STATES,
     ADAPTER_KEY_PREFIX,
-    ADAPTER_SUFFIXES,
     CPU_FRAMEWORK_BYTES,
     CPU_HEAP_KEPT_FRACTION,
     CPU_HEAP_KEPT_FRACTION_CHECKPOINTED,
     CPU_RUNTIME_BYTES,
     CUDA_CONTEXT_BYTES,
-    DORA_SUFFIX,
     DTYPE_BYTES,
     FILE_DTYPE_BYTES,
     FP32,
@@ -408,25 +407,26 @@ def _cpu_heap_kept(
 
 
 def _parameters(anatomy: Mapping[str, Any], chosen: Sequence[Mapping[str, Any]], cfg: RunConfig) -> dict[str, Any]:
-    """Exact counts: A is (r × in), B is (out × r), DoRA adds a magnitude vector of length out; the adapter
-    file is those in fp32 plus the safetensors header."""
-    lo, r = cfg.lora, cfg.lora.r
-    lora_A = sum(r * m["in"] for m in chosen)
-    lora_params = lora_A + sum(r * m["out"] for m in chosen) + (sum(m["out"] for m in chosen) if lo.use_dora else 0)
-    trainable = lora_params - (lora_A if lo.freeze_A else 0)
+    """Exact counts per method (engine.core.variants.counts: LoRA's A (r × in) and B (out × r), DoRA's magnitude,
+    AdaLoRA's P, Λ, Q at the initial rank, VeRA's scaling vectors); the adapter file is its numbers in fp32 plus
+    the safetensors header."""
+    c = V.counts(chosen, cfg.lora)
+    lora_params, trainable = c["adapter_params"], c["trainable"]
     base_params = int(anatomy["total_params"])
-    total = base_params + lora_params
-    suffixes = ADAPTER_SUFFIXES + ((DORA_SUFFIX,) if lo.use_dora else ())
+    total = base_params + lora_params + c["frozen"]
     header = SAFETENSORS_FILE_OVERHEAD + sum(
-        len(ADAPTER_KEY_PREFIX) + len(m["name"]) + len(x) + SAFETENSORS_ENTRY_OVERHEAD for m in chosen for x in suffixes
+        len(ADAPTER_KEY_PREFIX) + len(m["name"]) + len(x) + SAFETENSORS_ENTRY_OVERHEAD
+        for m in chosen
+        for x in c["suffixes"]
     )
+    header += sum(len(k) + SAFETENSORS_ENTRY_OVERHEAD for k in c["shared"])
     return dict(
         base_params=base_params,
         lora_params=lora_params,
         trainable_params=trainable,
         total_params=total,
         trainable_pct=100.0 * trainable / total if total else 0.0,
-        adapter_file_bytes=lora_params * FP32 + header,
+        adapter_file_bytes=c["file_params"] * FP32 + header,
     )
 
 

@@ -118,8 +118,7 @@ NF4_OFFSET_BYTES = FP32
 SAFETENSORS_FILE_OVERHEAD = 8 + 40
 SAFETENSORS_ENTRY_OVERHEAD = 62
 ADAPTER_KEY_PREFIX = "base_model.model."
-ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-DORA_SUFFIX = ".lora_magnitude_vector"
+# The per-module key suffixes of each method live in engine.core.variants.counts.
 
 # Output projections: their input is the attention output or the MLP intermediate, not the block's
 # normalised hidden state that the other projections of the same group share.

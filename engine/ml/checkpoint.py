@@ -32,6 +32,8 @@ import torch
 
 from engine.core import runs as R
 from engine.core.config import RunConfig
+from engine.core.variants import MOVES_BASE
+from engine.ml.adalora import unpruned_save
 
 TRAINER_BLOB = "trainer.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -136,7 +138,8 @@ def save_checkpoint(
     name = R.checkpoint_name(step)
     previous = R.latest_checkpoint(out_dir)
     with writing(root / f".tmp-{name}", f"checkpoint {name}", folder_bytes(previous) if previous else 0) as tmp:
-        model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        with unpruned_save(model):  # AdaLoRA: every triplet, so that a resumed run can load it
+            model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
         blob = {"optimizer": opt.state_dict() if opt is not None else None, "scheduler": sched.state_dict()}
         blob.update(rng=rng_state(), **({"rank_rng": rank_rngs} if rank_rngs else {}))
         torch.save(blob, tmp / TRAINER_BLOB)
@@ -267,15 +270,25 @@ def resume(
 
 
 def save_adapter(
-    model, tok, out_dir: Path, cfg: RunConfig, name: str = R.ADAPTER_DIRNAME, *, weights: dict | None = None
+    model,
+    tok,
+    out_dir: Path,
+    cfg: RunConfig,
+    name: str = R.ADAPTER_DIRNAME,
+    write: Callable[[Path, Any], None] | None = None,
+    *,
+    weights: dict | None = None,
 ) -> Path:
     """Standard PEFT folder out_dir/name (adapter_config.json + adapter_model.safetensors) plus the tokenizer,
-    written to a temporary folder and renamed into place. weights: a gathered state dict (FSDP)."""
+    written to a temporary folder and renamed into place. write(folder, model): writes the PEFT files instead
+    of model.save_pretrained (ReLoRA's cumulative adapter). weights: a gathered state dict (FSDP)."""
     target = out_dir / name
     tmp = out_dir / f"{name}.tmp"
     kw: dict[str, Any] = {"state_dict": weights} if weights is not None else {}
     with writing(tmp, "the adapter", folder_bytes(target)):
-        if cfg.lora.init != "gaussian":
+        if write is not None:
+            write(tmp, model)
+        elif cfg.lora.init in MOVES_BASE:
             # Convert PiSSA/OLoRA to a plain LoRA (rank 2r) that applies to the ORIGINAL base weights.
             model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(out_dir / "init_adapter"), **kw)
         else:

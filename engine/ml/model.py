@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from engine.core import anatomy as A  # noqa: E402
-from engine.core.config import EMBEDDED_MODEL, RunConfig  # noqa: E402
+from engine.core.config import EMBEDDED_MODEL, ConfigError, RunConfig  # noqa: E402
 from engine.core.home import embedded_dir  # noqa: E402
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -276,33 +276,77 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
 # ---- RunConfig → peft ------------------------------------------------------------------------
 
 
-def lora_config(cfg: RunConfig, modules: list[dict[str, Any]], model_name: str = "the model"):
-    from peft import LoraConfig
-
+def lora_config(
+    cfg: RunConfig, modules: list[dict[str, Any]], model_name: str = "the model", total_steps: int | None = None
+):
+    """The peft config of cfg.lora: LoraConfig, AdaLoraConfig (which needs the run's total steps) or VeraConfig."""
     lo = cfg.lora
     chosen = [m["name"] for m in A.resolve_targets(lo, modules, model_name)]
-    init: bool | str = {"gaussian": True, "pissa": "pissa", "olora": "olora"}[lo.init]
+    common = dict(target_modules=A.compact_targets(chosen, modules), bias="none", task_type="CAUSAL_LM")
+    if lo.method == "adalora":
+        from peft import AdaLoraConfig
+
+        total = total_steps or cfg.train.max_steps
+        if not total or lo.adalora_tinit + lo.adalora_tfinal >= total:
+            raise ConfigError(
+                [
+                    f"lora.method = 'adalora' over {total or 'an unknown number of'} steps with adalora_tinit = "
+                    f"{lo.adalora_tinit} and adalora_tfinal = {lo.adalora_tfinal}: AdaLoRA needs steps left between "
+                    "them to allocate the budget; lower them or train longer"
+                ]
+            )
+        return AdaLoraConfig(
+            init_r=lo.r,
+            target_r=lo.adalora_target_r,
+            tinit=lo.adalora_tinit,
+            tfinal=lo.adalora_tfinal,
+            deltaT=lo.adalora_delta_t,
+            orth_reg_weight=lo.adalora_orth_reg,
+            total_step=total,
+            lora_alpha=lo.alpha,
+            lora_dropout=lo.dropout,
+            **common,
+        )
+    if lo.method == "vera":
+        from peft import VeraConfig
+
+        # The shared projections come from the run's seed and are saved in the adapter (save_projection).
+        return VeraConfig(
+            r=lo.r,
+            vera_dropout=lo.dropout,
+            d_initial=lo.vera_d_initial,
+            projection_prng_key=cfg.train.seed,
+            save_projection=True,
+            **common,
+        )
+    from peft import LoraConfig
+
+    # LoftQ starts from the default init; engine.ml.loftq then replaces A and B (see attach_lora).
+    init: bool | str = {"gaussian": True, "pissa": "pissa", "olora": "olora", "loftq": True}[lo.init]
     return LoraConfig(
         r=lo.r,
         lora_alpha=lo.alpha,
         lora_dropout=lo.dropout,
-        target_modules=A.compact_targets(chosen, modules),
         use_rslora=lo.use_rslora,
         use_dora=lo.use_dora,
         init_lora_weights=init,
-        bias="none",
-        task_type="CAUSAL_LM",
+        **common,
     )
 
 
 def attach_lora(
-    model: nn.Module, cfg: RunConfig, modules: list[dict[str, Any]] | None = None, model_name: str = "the model"
+    model: nn.Module,
+    cfg: RunConfig,
+    modules: list[dict[str, Any]] | None = None,
+    model_name: str = "the model",
+    total_steps: int | None = None,
 ):
-    """Wrap `model` with peft LoRA layers per cfg.lora; returns the PeftModel."""
+    """Wrap `model` with peft adapter layers per cfg.lora; returns the PeftModel. total_steps: the run's optimizer
+    steps (AdaLoRA's schedule needs them; default train.max_steps)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     modules = modules if modules is not None else describe(model)
-    lcfg = lora_config(cfg, modules, model_name)
+    lcfg = lora_config(cfg, modules, model_name, total_steps)
     if cfg.quant != "none":
         model = prepare_model_for_kbit_training(
             model,
@@ -311,7 +355,12 @@ def attach_lora(
         )
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, lcfg)
+    if cfg.lora.init == "loftq":
+        from engine.ml.loftq import loftq_initialise
+
+        loftq_initialise(peft_model)
+    return peft_model
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -34,6 +34,8 @@ PEFT_PREFIX = "base_model.model."  # PeftModel wraps the base model at base_mode
 NOTE_DORA = "DoRA: sigma is the directional low-rank part s·B·A; the learned magnitude is separate"
 NOTE_DORA_NO_BASE = NOTE_DORA + " (magnitude_change needs the base weights; not computed from a folder)"
 NOTE_REFERENCE = "measured against the original base: ΔW = s·(B·A − B₀·A₀), rank ≤ 2r"
+NOTE_ADALORA = "AdaLoRA: ΔW = P·Λ·Q·α/r; pruned singular values are 0"
+NOTE_VERA = "VeRA: ΔW = Λ_b·B·Λ_d·A with A, B shared, frozen and random"
 
 # ---- σ by the QR trick -----------------------------------------------------------------------
 
@@ -195,10 +197,11 @@ def _spectra_from_factors(
 
 def _lora_layers(peft_model, adapter_name: str) -> Iterable[tuple[str, Any, Tensor, Tensor]]:
     """(base-model name, layer, A, B) for every LoRA layer carrying `adapter_name`."""
+    from peft.tuners.adalora import AdaLoraLayer
     from peft.tuners.lora import LoraLayer
 
     for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, LoraLayer) or isinstance(module, AdaLoraLayer):  # AdaLoRA: _adapter_factors
             continue
         base_name = name.removeprefix(PEFT_PREFIX)
         if adapter_name in module.lora_A:  # Linear, Conv1D, ConvNd: nn.Linear/ConvNd factors
@@ -225,6 +228,30 @@ def _dora_magnitude_change(module, adapter_name: str) -> float:
     return float(((m - m0).abs()[keep] / m0[keep]).mean()) if bool(keep.any()) else 0.0
 
 
+def _adapter_factors(peft_model, adapter_name: str) -> Iterable[tuple[str, Any, Tensor, Tensor, float, str]]:
+    """(base-model name, layer, A, B, s, note) with ΔW = s·B·A for every LoRA, AdaLoRA and VeRA layer.
+
+    AdaLoRA's ΔW = P·Λ·Q · α/(r + 1e-5) (peft's SVDLinear.get_delta_weight): A = Λ·Q (Λ scales Q's rows),
+    B = P. VeRA's ΔW = Λ_b·B·Λ_d·A with the shared frozen A (r × max in) and B (max out × r) sliced to the
+    module's shape (peft's vera Linear): A = Λ_d·A[:, :in], B = Λ_b·B[:out, :], s = 1.
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.tuners.vera import VeraLayer
+
+    for name, module in peft_model.named_modules():
+        base_name = name.removeprefix(PEFT_PREFIX)
+        if isinstance(module, AdaLoraLayer) and adapter_name in module.lora_E:
+            A = module.lora_A[adapter_name] * module.lora_E[adapter_name]  # (r, in): Λ·Q
+            s = module.scaling[adapter_name] / (float(module.ranknum[adapter_name]) + 1e-5)
+            yield base_name, module, A, module.lora_B[adapter_name], s, NOTE_ADALORA
+        elif isinstance(module, VeraLayer) and adapter_name in module.vera_lambda_d:
+            A = module.vera_lambda_d[adapter_name][:, None] * module.vera_A[adapter_name][:, : module.in_features]
+            B = module.vera_lambda_b[adapter_name][:, None] * module.vera_B[adapter_name][: module.out_features, :]
+            yield base_name, module, A, B, 1.0, NOTE_VERA
+    for base_name, module, A, B in _lora_layers(peft_model, adapter_name):
+        yield base_name, module, A, B, module.scaling[adapter_name], ""
+
+
 @torch.no_grad()
 def capture_reference(peft_model, adapter_name: str = "default") -> dict[str, tuple[Tensor, Tensor]]:
     """Clone the current (A, B) of every LoRA layer: the (A₀, B₀) of model_spectra(reference=...).
@@ -244,11 +271,13 @@ def model_spectra(
     Reads lora_A, lora_B and scaling exactly as PEFT's get_delta_weight does (the fan_in_fan_out
     transpose does not change σ). With `reference` (from capture_reference), ΔW is measured against
     the original base: s·(B·A − B₀·A₀). For DoRA, sigma is the directional part and
-    magnitude_change reports the learned magnitude vector's move.
+    magnitude_change reports the learned magnitude vector's move. AdaLoRA and VeRA layers give the σ of
+    their own ΔW forms (see _adapter_factors).
     """
     factors, notes, magnitude = {}, {}, {}
-    for name, module, A, B in _lora_layers(peft_model, adapter_name):
-        factors[name] = (A, B, module.scaling[adapter_name])
+    for name, module, A, B, s, note in _adapter_factors(peft_model, adapter_name):
+        factors[name] = (A, B, s)
+        notes[name] = note
         if adapter_name in getattr(module, "lora_magnitude_vector", {}):
             notes[name] = NOTE_DORA
             magnitude[name] = _dora_magnitude_change(module, adapter_name)
@@ -262,23 +291,37 @@ def model_spectra(
 
 # ---- saved adapter folders -------------------------------------------------------------------
 
-# base_model.model.<name>.lora_A.weight (Linear/Conv) or <name>.lora_embedding_A (Embedding); no adapter name.
+# base_model.model.<name>.lora_A.weight (Linear/Conv), <name>.lora_embedding_A (Embedding), AdaLoRA's <name>.lora_A,
+# .lora_E, .lora_B (Parameters), VeRA's <name>.vera_lambda_b / _d; no adapter name in saved keys.
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<name>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
-    r"|lora_magnitude_vector)(?:\.weight)?$"
+    r"^(?:base_model\.model\.)?(?P<name>.+)\.(?P<part>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector|vera_lambda_b|vera_lambda_d)(?:\.weight)?$"
 )
+ADAPTER_TYPES = ("LORA", "ADALORA", "VERA")
 
 
-def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tuple[Tensor, Tensor, float]], set[str]]:
-    """(adapter config, {name: (A, B, scaling)}, names with a DoRA magnitude) from a PEFT LoRA folder.
+def _kind(config: Mapping[str, Any]) -> str:
+    t = config.get("peft_type")
+    return str(getattr(t, "value", t))
 
-    peft reads the folder (PeftConfig.from_pretrained, load_peft_weights); scaling follows peft's rule:
-    lora_alpha/r, or lora_alpha/√r with use_rslora, with rank_pattern and alpha_pattern looked up by
-    peft's own get_pattern_key.
+
+Factors = dict[str, tuple[Tensor, Tensor, float]]
+
+
+def load_adapter(
+    adapter_dir: str | Path, shapes: Mapping[str, tuple[int, int]] | None = None
+) -> tuple[dict[str, Any], Factors, set[str]]:
+    """(adapter config, {name: (A, B, scaling)} with ΔW = scaling·B·A, names with a DoRA magnitude) from a PEFT
+    LoRA, AdaLoRA or VeRA folder.
+
+    peft reads the folder (PeftConfig.from_pretrained, load_peft_weights); LoRA's scaling follows peft's rule:
+    lora_alpha/r, or lora_alpha/√r with use_rslora, with rank_pattern and alpha_pattern looked up by peft's own
+    get_pattern_key. AdaLoRA: A = Λ·Q, B = P, scaling α/(init_r + 1e-5) (peft keeps the initial rank as the
+    divisor after pruning). VeRA needs each module's (in, out) in `shapes` (the files hold the shared A, B at
+    the largest size and per-module vectors only).
     """
     from peft import PeftConfig
     from peft.utils import load_peft_weights
-    from peft.utils.other import get_pattern_key
 
     folder = Path(adapter_dir)
     if not (folder / ADAPTER_CONFIG).is_file():
@@ -291,20 +334,47 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tup
             f"{folder} has adapter_config.json but no adapter_model.safetensors or adapter_model.bin"
         )
     cfg = PeftConfig.from_pretrained(str(folder))
-    if str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
-        raise ValueError(f"{folder}: peft_type is {str(cfg.peft_type)!r}; spectra need a LoRA adapter (peft_type LORA)")
+    kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+    if kind not in ADAPTER_TYPES:
+        raise ValueError(
+            f"{folder}: peft_type is {kind!r}; spectra need a LoRA, AdaLoRA or VeRA adapter ({', '.join(ADAPTER_TYPES)})"
+        )
     state = load_peft_weights(str(folder), device="cpu")
     parts: dict[str, dict[str, Tensor]] = {}
     for key, tensor in state.items():
         m = _KEY.match(key)
         if m:
             parts.setdefault(m["name"], {})[m["part"].replace("embedding_", "")] = tensor
-    rank_pattern, alpha_pattern = cfg.rank_pattern or {}, cfg.alpha_pattern or {}
+    if kind == "VERA":
+        factors, dora = _vera_factors(folder, state, parts, shapes), set()
+    else:
+        factors, dora = _lora_factors(folder, cfg, parts, kind)
+    if not factors:
+        raise ValueError(
+            f"{folder}: no adapter weights found among {len(state)} tensors "
+            f"(e.g. {list(state)[:3]}); is this a PEFT LoRA adapter?"
+        )
+    return cfg.to_dict(), factors, dora
+
+
+def _lora_factors(folder: Path, cfg, parts: Mapping[str, Mapping[str, Tensor]], kind: str) -> tuple[Factors, set[str]]:
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern, alpha_pattern = cfg.rank_pattern or {}, getattr(cfg, "alpha_pattern", None) or {}
     factors, dora = {}, set()
     for name in sorted(parts, key=natural_key):
         p = parts[name]
         if "lora_A" not in p or "lora_B" not in p:
             raise ValueError(f"{folder}: module {name} has {sorted(p)} but needs both lora_A and lora_B")
+        if kind == "ADALORA":  # rank_pattern holds masks; the files keep only the unpruned triplets
+            if "lora_E" not in p:
+                raise ValueError(f"{folder}: AdaLoRA module {name} has no lora_E (its singular values)")
+            factors[name] = (
+                p["lora_E"].reshape(-1, 1) * p["lora_A"],
+                p["lora_B"],
+                cfg.lora_alpha / (cfg.init_r + 1e-5),
+            )
+            continue
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), cfg.r)
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), cfg.lora_alpha)
         if p["lora_A"].shape[0] != r:
@@ -315,27 +385,50 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tup
         factors[name] = (p["lora_A"], p["lora_B"], alpha / math.sqrt(r) if cfg.use_rslora else alpha / r)
         if "lora_magnitude_vector" in p:
             dora.add(name)
-    if not factors:
-        raise ValueError(
-            f"{folder}: no lora_A/lora_B weights found among {len(state)} tensors "
-            f"(e.g. {list(state)[:3]}); is this a PEFT LoRA adapter?"
-        )
-    return cfg.to_dict(), factors, dora
+    return factors, dora
+
+
+def _vera_factors(
+    folder: Path, state: Mapping[str, Tensor], parts: Mapping[str, Mapping[str, Tensor]], shapes
+) -> Factors:
+    shared = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.endswith(("vera_A", "vera_B"))}
+    if set(shared) != {"vera_A", "vera_B"}:
+        raise ValueError(f"{folder}: VeRA adapter without its shared vera_A/vera_B (saved with save_projection=False)")
+    factors = {}
+    for name in sorted(parts, key=natural_key):
+        p = parts[name]
+        if shapes is None or name not in shapes:
+            raise ValueError(f"{folder}: VeRA spectra need the base model's shape of {name} (give the base's anatomy)")
+        d_in, d_out = shapes[name]
+        A = p["vera_lambda_d"][:, None] * shared["vera_A"][:, :d_in]  # (r, in)
+        B = p["vera_lambda_b"][:, None] * shared["vera_B"][:d_out, :]  # (out, r)
+        factors[name] = (A, B, 1.0)
+    return factors
 
 
 def adapter_spectra(
-    adapter_dir: str | Path, reference: Mapping[str, tuple[Tensor, Tensor]] | str | Path | None = None
+    adapter_dir: str | Path,
+    reference: Mapping[str, tuple[Tensor, Tensor]] | str | Path | None = None,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, ModuleSpectrum]:
-    """σ(ΔW) for every module of a saved PEFT LoRA adapter folder; no base model needed.
+    """σ(ΔW) for every module of a saved PEFT LoRA, AdaLoRA or VeRA adapter folder; no base weights needed.
 
     Scaling comes from adapter_config.json: lora_alpha/r, or lora_alpha/√r with use_rslora, honouring
     rank_pattern and alpha_pattern as PEFT does. `reference` is a dict {name: (A₀, B₀)} or the folder
-    of the initial adapter (PiSSA/OLoRA). DoRA folders report the directional part only.
+    of the initial adapter (PiSSA/OLoRA). DoRA folders report the directional part only. VeRA folders need
+    `shapes` {name: (in, out)} (load_adapter).
     """
-    _, factors, dora = load_adapter(adapter_dir)
+    kinds = {"ADALORA": NOTE_ADALORA, "VERA": NOTE_VERA}
+    config, factors, dora = load_adapter(adapter_dir, shapes)
+    notes = {n: NOTE_DORA_NO_BASE if n in dora else kinds.get(_kind(config), "") for n in factors}
     if isinstance(reference, (str, Path)):
         reference = {n: (A, B) for n, (A, B, _) in load_adapter(reference)[1].items()}
-    return _spectra_from_factors(factors, reference, {n: NOTE_DORA_NO_BASE for n in dora}, {})
+    return _spectra_from_factors(factors, reference, notes, {})
+
+
+def factor_spectra(factors: Mapping[str, tuple[Tensor, Tensor, float]], note: str = "") -> dict[str, ModuleSpectrum]:
+    """σ(s·B·A) for given factors {name: (A, B, s)} (e.g. ReLoRA's cumulative ΔW as concatenated factors)."""
+    return _spectra_from_factors(dict(factors), None, dict.fromkeys(factors, note), {})
 
 
 # ---- summaries -------------------------------------------------------------------------------

@@ -29,12 +29,14 @@ from engine.core.batching import total_steps as run_steps
 from engine.core.config import RunConfig
 from engine.core.events import MetricsSink, NullSink
 from engine.core.home import data_home
+from engine.core.variants import MOVES_BASE
 from engine.ml import checkpoint as C
 from engine.ml import data as D
 from engine.ml import model as M
 from engine.ml.distributed import Distributed
 from engine.ml.hooks import TrainState, build_hooks
 from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
+from engine.ml.spectra import adapter_spectra, model_spectra
 from engine.ml.steps import evaluate, packing_agrees
 
 
@@ -125,10 +127,10 @@ def train(
     # 3) model + LoRA -------------------------------------------------------------------------
     base = M.load_base_model(ref, cfg, device)
     modules = M.describe(base)
-    model = M.attach_lora(base, cfg, modules, model_name=cfg.model)
+    model = M.attach_lora(base, cfg, modules, model_name=cfg.model, total_steps=total_steps)
     trainable, total = M.count_params(model)
     reference = None
-    if cfg.lora.init != "gaussian":
+    if cfg.lora.init in MOVES_BASE:
         # PiSSA/OLoRA change the base weight to W − B₀A₀; spectra must measure against the original W,
         # and the saved adapter is converted so that it applies to the original base.
         from engine.ml.spectra import capture_reference
@@ -222,6 +224,8 @@ def train(
         step=step,
         evaluate=lambda: dist.evaluate(prep.val, run_eval),  # every rank evaluates its share
         save_adapter=write_adapter,
+        spectra=lambda: model_spectra(model, reference),
+        main=dist.main,
     )
     for h in hooks:
         h.on_start(state)
@@ -257,11 +261,11 @@ def train(
         grad_norm = dist.clip(params, tr.max_grad_norm if tr.max_grad_norm > 0 else float("inf"))
         opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
         step += 1
         state.step = step
         for h in hooks:
-            h.after_step(state)
+            h.after_step(state)  # with the step's gradients (AdaLoRA's allocator reads them)
+        opt.zero_grad(set_to_none=True)
 
         if step % tr.log_every == 0 or step == total_steps:
             last_loss, gn = float(dist.mean(loss_acc)), float(grad_norm)  # the one host sync of the step
@@ -302,7 +306,7 @@ def train(
         if tr.save_every and step % tr.save_every == 0 and step < total_steps:
             ckpt = write_checkpoint()
             if dist.main:  # how the spectrum evolves, checkpoint by checkpoint
-                log_spectra(sink, step, model, reference, ckpt if dist.fsdp else None)
+                log_spectra(sink, step, adapter_spectra(ckpt) if dist.fsdp else state.spectra())
             sink.log(step, {"checkpoint": step})
         if dist.any(state.stop_reason is not None):  # a hook ended the run (e.g. early stopping): saved below
             break
@@ -311,7 +315,7 @@ def train(
     for h in hooks:
         h.on_end(state)
     ckpt = write_checkpoint()
-    adapter_dir = write_adapter()
+    adapter_dir = state.save_adapter(R.ADAPTER_DIRNAME)
     elapsed = elapsed_before + time.time() - t_start
     extra = {
         **prep.stats(),
@@ -322,8 +326,8 @@ def train(
         **({"stopped": state.stop_reason} if state.stop_reason else {}),
         **state.summary,
     }
-    if dist.main:
-        log_spectra(sink, step, model, reference, adapter_dir if dist.fsdp else None)
+    if dist.main:  # FSDP: the live LoRA is sharded, so σ(ΔW) comes from the folder rank 0 just wrote
+        log_spectra(sink, step, adapter_spectra(adapter_dir) if dist.fsdp else state.spectra())
     dist.barrier()  # the other ranks wait for rank 0's files before they leave the process group
     dist.end()
     result = TrainResult(
@@ -379,11 +383,7 @@ def make_optimizer(model, params, cfg: RunConfig, device: torch.device):
     return torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay, fused=device.type == "cuda")
 
 
-def log_spectra(sink: MetricsSink, step: int, model, reference, folder: Path | None = None) -> None:
-    """σ(ΔW) of every LoRA module, from the live model, or from a saved folder (FSDP: the live LoRA is sharded)."""
-    from engine.ml.spectra import adapter_spectra, model_spectra
-
-    spectra = adapter_spectra(folder) if folder is not None else model_spectra(model, reference)
+def log_spectra(sink: MetricsSink, step: int, spectra) -> None:
     sink.log_spectra(step, {k: v.sigma for k, v in spectra.items()}, {k: v.to_stats() for k, v in spectra.items()})
 
 
