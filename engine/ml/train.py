@@ -29,6 +29,7 @@ from engine.core.events import MetricsSink, NullSink
 from engine.core.home import data_home
 from engine.ml import checkpoint as C
 from engine.ml import data as D
+from engine.ml import early_stop  # noqa: F401  (registers its hook in engine.ml.hooks.FACTORIES)
 from engine.ml import model as M
 from engine.ml.hooks import TrainState, build_hooks
 from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
