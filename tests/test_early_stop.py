@@ -89,7 +89,7 @@ def test_early_stopping_settings_are_validated_with_everything_else():
     assert "train.early_stopping_patience = -1: must be ≥ 0" in text
     assert "train.early_stopping_min_delta = -0.1: must be ≥ 0" in text
     assert "train.lr = 0.0" in text  # every problem at once
-    with pytest.raises(ConfigError, match="keep_best needs a validation loss: set train.val_split > 0"):
+    with pytest.raises(ConfigError, match=r"keep_best needs a validation loss: set train\.val_split > 0"):
         RunConfig.from_dict({"train": {"keep_best": True, "val_split": 0}})
 
 
