@@ -19,12 +19,12 @@ import argparse
 import os
 import sys
 
-from engine.cli import chat, check, hub, insight, model, queue, sweep, train
+from engine.cli import analyses, chat, check, hub, insight, model, queue, sweep, train
 from engine.cli.common import fail, internal_error, is_user_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SUBCOMMANDS = (train, queue, model, check, chat, insight, hub, sweep)  # each has register(subparsers)
+SUBCOMMANDS = (train, queue, model, check, chat, insight, hub, sweep, analyses)  # each has register(subparsers)
 
 
 def cmd_app(args) -> int:
