@@ -98,3 +98,28 @@ def test_a_run_without_a_kept_best_adapter_says_so(tmp_path):
     assert R.best_info(run) is None and R.chosen_adapter(run, "last") == tmp_path / "adapter"
     with pytest.raises(ValueError, match="run 7 kept no best adapter"):
         R.chosen_adapter(run, "best")
+
+
+def test_the_chat_tab_offers_a_run_s_best_adapter_beside_its_last(tmp_path):
+    from storage import Store
+    from ui.chat_tab import pane_choices, resolve_pane
+
+    store = Store.for_home(tmp_path / "h")
+    out = tmp_path / "runs" / "1"
+    for name in ("adapter", "best_adapter"):
+        (out / name).mkdir(parents=True)
+        (out / name / "adapter_config.json").write_text("{}")
+    (out / "best.json").write_text(json.dumps({"step": 6, "val_loss": 1.23456}))
+    run_id = store.create_run("es", {"model": "m"}, str(out), status="running")
+    store.update_run(run_id, adapter_dir=str(out / "adapter"), final_loss=0.5)
+    store.finish(run_id, "succeeded")
+    assert pane_choices(store)[1:] == [
+        ("run 1 · es · loss 0.50", "run:1"),
+        ("run 1 · es · loss 0.50 · best adapter (step 6, val 1.235)", "best:1"),
+    ]
+    best, last = resolve_pane("best:1", store), resolve_pane("run:1", store)
+    assert (best.name, best.folder) == ("run1best", str(out / "best_adapter"))
+    assert (last.name, last.folder) == ("run1", str(out / "adapter"))
+    (out / "best.json").unlink()
+    assert "kept no best adapter" in resolve_pane("best:1", store).error
+    store.close()
