@@ -119,6 +119,9 @@ NON_DEFAULT = dict(
     packing=False,
     seed=7,
     threads=1,
+    early_stopping_patience=3,
+    early_stopping_min_delta=0.01,
+    keep_best=True,
 )
 
 
@@ -170,6 +173,9 @@ def test_config_from_form_maps_every_field():
         packing=False,
         seed=7,
         threads=1,
+        early_stopping_patience=3,
+        early_stopping_min_delta=0.01,
+        keep_best=True,
     )
     cfg2 = T.config_from_form({**NON_DEFAULT, "quant": "none", "init": "pissa", "freeze_A": False})
     assert cfg2.lora.init == "pissa"
