@@ -113,3 +113,32 @@ def test_a_sweep_is_launched_from_the_browser_and_its_table_and_plot_appear(tmp_
         close_tabs(demo)
         runner.stop(cancel_running=True, timeout=10)
         store.close()
+
+
+def test_the_analyses_section_asks_the_engine_and_draws_its_answer(store, tmp_path):
+    from ui import sweep_analyses as A
+
+    sid = fake_sweep(store, tmp_path)
+    for rid in (1, 4):  # two members with a saved adapter
+        folder = tmp_path / "home" / "runs" / str(rid) / "adapter"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+    assert [i for _, i in A.member_choices(sid, store=store)] == [1, 4]
+    asked = []
+
+    class FakeBackend:
+        def run(self, args, timeout):
+            asked.append(args)
+            if args[0] == "phi":
+                return {"mean": [[1.0, 0.5], [0.5, 0.25]], "modules": {"a": [], "b": []}}
+            kind = {"modules": 2, "r": 4, "delta_fro": 1.0, "proj_fro": 0.05, "w_top_proj_fro": 3.0}
+            return {
+                "model": "m",
+                "kinds": {"q_proj": {**kind, "random_proj_fro": 0.04, "factor": 20.0, "random_factor": 25.0}},
+            }
+
+    fig, note = A.phi_view(1, 4, "q_proj", 2, 2, backend=FakeBackend())
+    assert asked[-1] == ["phi", "1", "4", "--kind", "q_proj", "--i-max", "2", "--j-max", "2", "--json"]
+    assert [list(r) for r in fig.data[0].z] == [[1.0, 0.5], [0.5, 0.25]] and "φ(1, 1) = 1.000" in note
+    table, note = A.amplification_view(4, backend=FakeBackend())
+    assert asked[-1] == ["amplification", "4", "--json"] and table["factor"].tolist() == [20.0]

@@ -23,6 +23,7 @@ from engine.core.config import EMBEDDED_MODEL
 from engine.core.events import format_duration
 from ui.errors import warn
 from ui.plots import compare_figure
+from ui.sweep_analyses import build_sweep_analyses
 from ui.sweep_plots import outcome_figure
 
 EXAMPLE = f"""name: rank-vs-targets
@@ -206,6 +207,7 @@ def build_sweeps_tab(store, runner, home: Path, backend) -> SweepsTab:
         confirm = gr.Checkbox(False, label="Yes, delete its runs")
         delete_btn = gr.Button("Delete sweep", size="sm", variant="stop")
     action_md = gr.Markdown()
+    build_sweep_analyses(pick, store, backend)
 
     hidden = {"api_name": False}
     shown = [summary, members, x_field, plot, curves]
