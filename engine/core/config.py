@@ -220,7 +220,7 @@ class TrainSpec:
         metadata=_help(
             "Stop after this many validations in a row without the val loss improving by at least "
             "early_stopping_min_delta (0 = off). The adapter of the best validation is kept beside the last "
-            "(runs/<id>/best_adapter); History and Chat can pick either. Needs val_split > 0."
+            "(runs/<id>/best_adapter); the Chat tab offers either, the sweep report names its step. Needs val_split > 0."
         ),
     )
     early_stopping_min_delta: float = field(
