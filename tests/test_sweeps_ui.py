@@ -30,7 +30,8 @@ def fake_sweep(store, tmp_path):
         rid = store.create_run(f"s r={r} targets={t}", {"lora": {"r": r, "targets": [t]}}, tmp_path, sweep_id=sid)
         store.set_out_dir(rid, tmp_path / "home" / "runs" / str(rid))
         store.log_metrics(rid, 2, {"train/loss": loss + 0.1, "val/loss": loss})
-        store.update_run(rid, best_val_loss=loss, final_val_loss=loss, steps_done=2, total_steps=2)
+        mem = r * (0.1 if t == "qv" else 0.5)
+        store.update_run(rid, best_val_loss=loss, final_val_loss=loss, steps_done=2, total_steps=2, peak_mem_gb=mem)
         store.finish(rid, RunStatus.SUCCEEDED)
     return sid
 
@@ -46,6 +47,9 @@ def test_the_sweep_view_shows_members_and_val_loss_against_rank(store, tmp_path)
     assert len([t for t in curves.data if t.name.endswith(" val")]) == 4
     _, _, _, fig, _ = T.show_sweep(sid, "lora.targets", "best_val_loss", store=store)
     assert {t.name: list(t.y) for t in fig.data} == {"r=1": [2.5, 2.2], "r=4": [2.0, 1.5]}
+    _, _, _, fig, _ = T.show_sweep(sid, "lora.r", "peak_mem_gb", store=store)  # memory against rank
+    assert {t.name: list(t.y) for t in fig.data} == {"targets=qv": [0.1, 0.4], "targets=all-linear": [0.5, 2.0]}
+    assert fig.layout.yaxis.title.text == "peak memory (GB)"
     act = partial(T.sweep_action, store=store, runner=SimpleNamespace(store=store), home=tmp_path / "home")
     assert "no member is queued or running" in act("cancel", sid, False)
     assert "tick “Yes, delete its runs”" in act("delete", sid, False) and len(store.list_runs()) == 4

@@ -47,6 +47,8 @@ OUTCOME_CHOICES = [
     ("best val loss", "best_val_loss"),
     ("final val loss", "final_val_loss"),
     ("final loss", "final_loss"),
+    ("time (s)", "duration_s"),
+    ("peak memory (GB)", "peak_mem_gb"),
 ]
 PLAN_COLUMNS = ["#", "run", "trainable", "est. GB", "steps", "tokens", "est. time"]
 MEMBER_COLUMNS = ["id", "run", "status", "best val", "final val", "step", "time", "peak GB", "trainable"]
