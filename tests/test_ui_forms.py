@@ -132,6 +132,9 @@ NON_DEFAULT = dict(
     relora_every=0,
     relora_reset=0.9,
     relora_warmup=2,
+    early_stopping_patience=3,
+    early_stopping_min_delta=0.01,
+    keep_best=True,
 )
 
 
@@ -194,6 +197,9 @@ def test_config_from_form_maps_every_field():
         strategy="fsdp",
         relora_reset=0.9,
         relora_warmup=2,
+        early_stopping_patience=3,
+        early_stopping_min_delta=0.01,
+        keep_best=True,
     )
     cfg2 = T.config_from_form({**NON_DEFAULT, "quant": "none", "init": "pissa", "freeze_A": False})
     assert cfg2.lora.init == "pissa"

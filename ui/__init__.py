@@ -3,7 +3,7 @@
     demo = build_app(store, runner, home)          # Store, JobRunner, data home
     demo.launch(server_name="127.0.0.1", **launch_kwargs(home))
 
-Tabs, in order: Train, Chat, History, Calculator, Spectra. Chat, Calculator and Spectra come from their
+Tabs, in order: Train, Chat, History, Calculator, Spectra, Sweeps. Chat, Calculator and Spectra come from their
 own modules (ui/chat_tab.py, ...) when those exist; each is `build_X_tab(store, runner, home, backend)`.
 This package imports no torch: model work goes through ui.backend (the engine's CLI in a child process).
 """
@@ -31,7 +31,7 @@ from ui.run_lists import wire_run_lists
 from ui.train_form import FORM_FIELDS, prefill_form
 from ui.train_tab import build_train_tab
 
-OPTIONAL_TABS = {"chat": "Chat", "calculator": "Calculator", "spectra": "Spectra"}
+OPTIONAL_TABS = {"chat": "Chat", "calculator": "Calculator", "spectra": "Spectra", "sweeps": "Sweeps"}
 CSS = """
 #run-status { font-size: 1.05em; }
 #estimate { background: var(--block-background-fill); padding: 6px 10px; border-radius: 6px; }
@@ -88,11 +88,12 @@ def build_app(
                 built["history"] = history = build_history_tab(store, runner, home, backend)
             built["calculator"] = _optional_tab("calculator", store, runner, home, backend)
             built["spectra"] = _optional_tab("spectra", store, runner, home, backend)
+            built["sweeps"] = _optional_tab("sweeps", store, runner, home, backend)
 
         train.wire_load(demo, store, backend, doctor_known=doctor is not None)
         history_tab.select(*history.refresh, api_name=False, show_progress="hidden")
         demo.load(*history.refresh, api_name=False, show_progress="hidden")
-        lists = [getattr(built.get(k), "refresh", None) for k in ("chat", "spectra", "calculator")]
+        lists = [getattr(built.get(k), "refresh", None) for k in ("chat", "spectra", "calculator", "sweeps")]
         wire_run_lists(demo, store, [r for r in lists if r], on_change=[history.refresh])
         for tab in built.values():
             if getattr(tab, "on_load", None):

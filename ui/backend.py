@@ -176,6 +176,19 @@ class Backend:
             stdin=cfg.to_json(),
         )
 
+    def sweep(self, spec: Mapping[str, Any], *, dry_run: bool) -> dict[str, Any]:
+        """`engine sweep - --json [--dry-run]` on a sweep (base inline): the plan, every member checked, and
+        with dry_run False the sweep id and run ids it queued (the app's runner then trains them)."""
+        return run_engine_json(
+            ["sweep", "-", "--json", *(["--dry-run"] if dry_run else [])],
+            2 * CHECK_TIMEOUT_S,  # one `engine check` per distinct data setting, usually one
+            home=self.home,
+            db_url=self.db_url,
+            python=self.python,
+            env=self.env,
+            stdin=json.dumps(spec),
+        )
+
     def allowed_places(self) -> list[Path]:
         return [datasets_dir(self.home).resolve(), *self.data_dirs]
 

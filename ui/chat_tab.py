@@ -29,7 +29,7 @@ import gradio as gr
 
 from engine.core.chat import ChatError, ChatWorker, GenParams, PaneStats, WorkerDied, adapter_base_model
 from engine.core.config import EMBEDDED_MODEL
-from engine.core.runs import adapter_dir, is_adapter_folder
+from engine.core.runs import adapter_dir, best_info, chosen_adapter, is_adapter_folder
 from storage import RunStatus
 from ui.errors import refuse
 from ui.export_panel import export_choices, export_panel, finished_runs, run_label
@@ -55,7 +55,16 @@ class Pane:
 
 
 def pane_choices(store) -> list[tuple[str, str]]:
-    return [("base model (no adapter)", BASE)] + [(run_label(r), f"run:{r.id}") for r in finished_runs(store)]
+    """The base, each finished run's last adapter, and its best validation step's where it kept one."""
+    out = [("base model (no adapter)", BASE)]
+    for r in finished_runs(store):
+        out.append((run_label(r), f"run:{r.id}"))
+        best = best_info(r)
+        if best is not None:
+            out.append(
+                (f"{run_label(r)} · best adapter (step {best['step']}, val {best['val_loss']:.3f})", f"best:{r.id}")
+            )
+    return out
 
 
 def base_choices(store) -> list[str]:
@@ -71,13 +80,21 @@ def resolve_pane(choice: str | None, store) -> Pane:
     choice = (choice or BASE).strip()
     if choice == BASE:
         return Pane(label="base")
-    if choice.startswith("run:"):
+    if choice.startswith(("run:", "best:")):
+        which, _, rid = choice.partition(":")
         try:
-            r = store.get_run(int(choice[4:]))
-        except (KeyError, ValueError):
-            return Pane(label=choice, error=f"{choice}: no such run")
+            r = store.get_run(int(rid))
+            folder = chosen_adapter(r, "best") if which == "best" else adapter_dir(r)
+        except (KeyError, ValueError) as e:
+            return Pane(
+                label=choice, error=str(e) if isinstance(e, ValueError) and rid.isdigit() else f"{choice}: no such run"
+            )
+        suffix = " best" if which == "best" else ""
         return Pane(
-            label=f"run {r.id}", name=f"run{r.id}", folder=str(adapter_dir(r)), base=str(r.config.get("model", ""))
+            label=f"run {r.id}{suffix}",
+            name=f"run{r.id}{suffix.strip()}",
+            folder=str(folder),
+            base=str(r.config.get("model", "")),
         )
     folder = str(Path(choice).expanduser())
     if not is_adapter_folder(folder):

@@ -21,7 +21,7 @@ import pandas as pd
 
 from engine.core.events import format_duration
 from engine.core.export import ExportError, export_adapter_zip
-from engine.core.runs import run_folder
+from engine.core.runs import deletable_folder
 from storage import RunStatus
 from ui.errors import refuse, warn
 from ui.plots import compare_figure, loss_figure, lr_figure, reindex
@@ -210,15 +210,6 @@ def compare_runs(run_ids: Sequence[int] | None, x_axis: str, smoothing: float, *
     fig = compare_figure(curves, x_label=x_axis or "step", smoothing=float(smoothing or 0), val_curves=vals)
     diff = config_diff(configs) if len(configs) > 1 else pd.DataFrame(columns=["field"])
     return fig, diff
-
-
-def deletable_folder(home: Path, r) -> Path:
-    """The run's folder, only if it lies inside <home>/runs (never delete anything else)."""
-    runs = (Path(home) / "runs").resolve()
-    folder = run_folder(r, home).resolve()
-    if folder.parent != runs:
-        raise ValueError(f"run #{r.id}'s folder {folder} is not inside {runs}; delete it by hand")
-    return folder
 
 
 def delete_run(run_id: int | None, confirm: bool, statuses: Sequence[str] | None, text: str, *, store, home: Path):

@@ -20,12 +20,23 @@ import argparse
 import os
 import sys
 
-from engine.cli import chat, check, hub, importance, insight, model, queue, train
+from engine.cli import analyses, chat, check, hub, importance, insight, model, queue, sweep, train
 from engine.cli.common import fail, internal_error, is_user_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SUBCOMMANDS = (train, queue, model, check, chat, insight, importance, hub)  # each has register(subparsers)
+SUBCOMMANDS = (
+    train,
+    queue,
+    model,
+    check,
+    chat,
+    insight,
+    importance,
+    hub,
+    sweep,
+    analyses,
+)  # each has register(subparsers)
 
 
 def cmd_app(args) -> int:

@@ -17,15 +17,17 @@ import json
 import math
 import os
 import re
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from engine.core import variants as V
-from engine.core.data_fields import DATASET_COLUMNS, TEXT_SPLITS, parse_columns, validate_data
-from engine.core.devices import DEVICES_HELP, STRATEGIES, STRATEGY_HELP, normalize_devices, validate_devices
+from engine.core.config_values import MAX_LAYER, _coerce_fields, _section, parse_layers, shown
+from engine.core.data_fields import DATASET_COLUMNS, TEXT_SPLITS, validate_data
+from engine.core.devices import DEVICES_HELP, STRATEGIES, STRATEGY_HELP, validate_devices
+
+__all__ = ["ConfigError", "LoraSpec", "RunConfig", "TrainSpec", "field_help", "parse_layers", "shown", "validate"]
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 BUILTIN_DATASETS = {
@@ -40,7 +42,6 @@ METHODS = V.METHODS
 SCHEDULERS = ("cosine", "linear", "constant")
 DATASET_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 TRAIN_ON = ("responses", "all")
-MAX_LAYER = 100_000  # no model has more layers; a range beyond it is a typo, not a list to build
 
 
 class ConfigError(ValueError):
@@ -229,6 +230,26 @@ class TrainSpec:
     relora_every: int = field(default=0, metadata=_help(V.HELP["relora_every"]))
     relora_reset: float = field(default=0.99, metadata=_help(V.HELP["relora_reset"]))
     relora_warmup: int = field(default=10, metadata=_help(V.HELP["relora_warmup"]))
+    # ---- early stopping and the best adapter (issue 15) ----
+    early_stopping_patience: int = field(
+        default=0,
+        metadata=_help(
+            "Stop after this many validations in a row without the val loss improving by at least "
+            "early_stopping_min_delta (0 = off). The adapter of the best validation is kept beside the last "
+            "(runs/<id>/best_adapter); the Chat tab offers either, the sweep report names its step. Needs val_split > 0."
+        ),
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0,
+        metadata=_help("Early stopping: the smallest fall of the val loss that counts as an improvement (≥ 0)."),
+    )
+    keep_best: bool = field(
+        default=False,
+        metadata=_help(
+            "Keep the adapter of the best validation step (runs/<id>/best_adapter) even without early stopping; "
+            "early stopping always keeps it. Needs val_split > 0."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -479,120 +500,21 @@ def _validate_train(tr: TrainSpec, p: _Problems) -> None:
     p.need(0 <= tr.threads <= cores, "train.threads", tr.threads, f"must be 0 (auto) to {cores} (this machine's cores)")
     p.need(0 <= tr.seed < 2**32, "train.seed", tr.seed, "must be 0 to 2³²−1")
     p.extend(validate_devices(tr))
-
-
-# ---- messages ----------------------------------------------------------------------------------
-
-_SHORT = reprlib.Repr()
-_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 80, 80, 6, 6, 2
-
-
-def shown(value: Any) -> str:
-    """A value as it appears in a message: repr, cut short (never the whole of a huge or nested value)."""
-    return _SHORT.repr(value)
-
-
-# ---- helpers for from_dict ---------------------------------------------------------------------
-
-
-def _section(d: Mapping[str, Any], key: str, problems: list[str]) -> Mapping[str, Any]:
-    v = d.get(key) or {}
-    if not isinstance(v, Mapping):
-        problems.append(f"{key} = {shown(v)}: must be a mapping of {key} fields")
-        return {}
-    return v
-
-
-def parse_layers(value: Any) -> tuple[int, ...]:
-    """'0-3,8' → (0, 1, 2, 3, 8); a list of ints passes through; '' or None → () (all layers)."""
-    if value is None or value == "" or value == []:
-        return ()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
-    if isinstance(value, str):
-        out: list[int] = []
-        for part in value.replace(" ", "").split(","):
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not m:
-                raise ValueError(f"cannot read {shown(part)}; write layers like '0-11' or '0,2,4-6'")
-            a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-            if b > MAX_LAYER:
-                raise ValueError(f"layer {b} in {part[:40]!r}: layer indices are 0–{MAX_LAYER}")
-            if b < a:
-                raise ValueError(f"range {part!r} runs backwards; write it as '{b}-{a}'")
-            out.extend(range(a, b + 1))
-        return tuple(sorted(set(out)))
-    if isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        return tuple(sorted(set(value)))
-    raise ValueError("give a list of integers or a string like '0-11'")
-
-
-def _coerce_fields(
-    cls: type, d: Mapping[str, Any], prefix: str, problems: list[str], skip: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Type-check and convert one dataclass's fields from plain JSON/YAML values."""
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
-    out: dict[str, Any] = {}
-    for key in d:
-        if key not in fields and key not in skip:
-            near = [n for n in fields if n.startswith(str(key)[:3])]
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            problems.append(f"{prefix}{str(key)[:80]}: unknown field{hint}; known: {', '.join(fields)}")
-    for name, f in fields.items():
-        if name not in d:
-            continue
-        v, kind = d[name], f.type
-        where = f"{prefix}{name}"
-        try:
-            out[name] = _coerce(v, kind, name)
-        except (TypeError, ValueError, OverflowError) as e:
-            problems.append(f"{where} = {shown(v)}: {e}")
-    return out
-
-
-def _coerce(v: Any, kind: str, name: str) -> Any:
-    # Field annotations are strings under `from __future__ import annotations`.
-    if kind == "bool":
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return v.lower() in ("true", "yes", "1")
-        raise TypeError("must be true or false")
-    if kind == "int":
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise TypeError("must be an integer")
-        if isinstance(v, str):  # "8" or "8.0" from a form; never "8.5" silently cut to 8
-            try:
-                return int(v.strip())
-            except ValueError:
-                try:
-                    v = float(v)
-                except ValueError:
-                    raise TypeError("must be an integer") from None
-        if isinstance(v, float) and not v.is_integer():
-            raise TypeError("must be a whole number")
-        return int(v)
-    if kind == "float":
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise TypeError("must be a number")
-        return float(v)
-    if kind == "str" and name == "devices":  # YAML reads `devices: 2` as a number and `[0, 1]` as a list
-        return normalize_devices(v)
-    if kind == "str":
-        if not isinstance(v, str):
-            raise TypeError("must be a string")
-        return v
-    if kind == "tuple[int, ...]":
-        return parse_layers(v)
-    if kind == "tuple[tuple[str, str], ...]":
-        return parse_columns(v)
-    if kind == "tuple[str, ...]":
-        if isinstance(v, str):
-            v = [s for s in re.split(r"[,\s]+", v) if s]
-        if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
-            raise TypeError("must be a list of strings")
-        return tuple(v)
-    raise TypeError(f"unsupported field type {kind}")  # a new field type needs a branch above
+    p.need(
+        tr.early_stopping_patience >= 0,
+        "train.early_stopping_patience",
+        tr.early_stopping_patience,
+        "must be ≥ 0 (validations without improvement; 0 = off)",
+    )
+    p.need(
+        math.isfinite(tr.early_stopping_min_delta) and tr.early_stopping_min_delta >= 0,
+        "train.early_stopping_min_delta",
+        tr.early_stopping_min_delta,
+        "must be ≥ 0 (the val loss fall that counts as an improvement)",
+    )
+    if (tr.early_stopping_patience or tr.keep_best) and tr.val_split == 0:
+        what = "early_stopping_patience" if tr.early_stopping_patience else "keep_best"
+        p.append(f"train.{what} needs a validation loss: set train.val_split > 0 (e.g. 0.1)")
 
 
 def field_help(section: str | None = None) -> dict[str, dict[str, Any]]:

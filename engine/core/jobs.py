@@ -161,8 +161,9 @@ class JobRunner:
         resume_from: str | None = None,
         est_mem_gb: float | None = None,
         trainable_params: int | None = None,
+        sweep_id: int | None = None,
     ) -> int:
-        """Validate, check disk space, write the run row (`queued`) and runs/<id>/config.json; return the id.
+        """Validate, check disk space, write the run row (`queued`; of sweep_id) and runs/<id>/config.json; the id.
 
         Raises ConfigError (every problem listed) or DiskSpaceError before anything is written.
         """
@@ -181,6 +182,7 @@ class JobRunner:
             resume_from=resume_from,
             est_mem_gb=est_mem_gb,
             trainable_params=trainable_params,
+            sweep_id=sweep_id,
         )
         out = self.home / "runs" / str(run_id)
         out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@
     <home>/runs/<id>/train.log              everything the training process printed
     <home>/runs/<id>/checkpoints/step-NNNNNNN/   adapter + optimizer/scheduler/RNG state (the last KEEP_CHECKPOINTS)
     <home>/runs/<id>/adapter/               the final PEFT adapter (adapter_config.json + adapter_model.safetensors)
+    <home>/runs/<id>/best_adapter/          the adapter of the best validation step (early stopping, keep_best)
+    <home>/runs/<id>/best.json              which step that was and its val loss: {"step", "val_loss", ...}
     <home>/exports/run-<id>-adapter.zip     the adapter with its model card
     <home>/exports/run-<id>-merged/         base + adapter merged
     <home>/exports/run-<id>.gguf            base + adapter merged, as GGUF (+ run-<id>.Modelfile for Ollama)
@@ -15,6 +17,7 @@ The trainer writes these names, the job queue, the CLI and the UI read them: all
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,9 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "train.log"
 KEEP_CHECKPOINTS = 2
 ADAPTER_CONFIG = "adapter_config.json"
+BEST_ADAPTER_DIRNAME = "best_adapter"
+BEST_MARK = "best.json"
+ADAPTER_CHOICES = ("last", "best")  # which of a run's adapters: the final one, or the best validation step's
 
 
 def run_folder(run: Any, home: str | Path | None = None) -> Path:
@@ -88,3 +94,45 @@ def merged_path(home: str | Path, run_id: int) -> Path:
 
 def gguf_path(home: str | Path, run_id: int, adapter: bool = False) -> Path:
     return exports_dir(home) / f"run-{run_id}{'-lora' if adapter else ''}.gguf"
+
+
+# ---- the best adapter (early stopping, train.keep_best) ------------------------------------------------
+
+
+def best_info(run: Any, home: str | Path | None = None) -> dict[str, Any] | None:
+    """{"step", "val_loss", "adapter_dir"} of the run's best validation step, if its adapter was kept."""
+    try:
+        folder = run_folder(run, home)
+    except ValueError:
+        return None
+    mark = folder / BEST_MARK
+    if not (mark.is_file() and is_adapter_folder(folder / BEST_ADAPTER_DIRNAME)):
+        return None
+    try:
+        info = json.loads(mark.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {**info, "adapter_dir": str(folder / BEST_ADAPTER_DIRNAME)} if isinstance(info, dict) else None
+
+
+def chosen_adapter(run: Any, which: str = "last", home: str | Path | None = None) -> Path:
+    """The folder of the run's last adapter, or of its best one; ValueError saying why when there is none."""
+    if which not in ADAPTER_CHOICES:
+        raise ValueError(f"adapter {which!r}: choose one of {', '.join(ADAPTER_CHOICES)}")
+    if which == "last":
+        return adapter_dir(run, home)
+    best = best_info(run, home)
+    if best is None:
+        raise ValueError(
+            f"run {run.id} kept no best adapter (train.early_stopping_patience or train.keep_best, with validation)"
+        )
+    return Path(best["adapter_dir"])
+
+
+def deletable_folder(home: str | Path, run: Any) -> Path:
+    """The run's folder, only if it lies inside <home>/runs (never delete anything else)."""
+    runs = (Path(home) / "runs").resolve()
+    folder = run_folder(run, home).resolve()
+    if folder.parent != runs:
+        raise ValueError(f"run #{run.id}'s folder {folder} is not inside {runs}; delete it by hand")
+    return folder

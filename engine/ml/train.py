@@ -32,6 +32,7 @@ from engine.core.home import data_home
 from engine.core.variants import MOVES_BASE
 from engine.ml import checkpoint as C
 from engine.ml import data as D
+from engine.ml import early_stop  # noqa: F401  (registers its hook in engine.ml.hooks.FACTORIES)
 from engine.ml import model as M
 from engine.ml.distributed import Distributed
 from engine.ml.hooks import TrainState, build_hooks
