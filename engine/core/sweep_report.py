@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core import runs as R
-from engine.core.jobs import check_disk
+from engine.core.disk import check_disk
 from engine.core.sweeps import get_dotted, member_label, show_value
 from storage import RunStatus
 

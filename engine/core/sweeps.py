@@ -32,7 +32,7 @@ from typing import Any
 
 from engine.core.batching import micro_batches, total_steps
 from engine.core.config import ConfigError, LoraSpec, RunConfig, TrainSpec, shown
-from engine.core.jobs import DISK_MARGIN_BYTES, DiskSpaceError, disk_need_bytes, free_bytes
+from engine.core.disk import DISK_MARGIN_BYTES, DiskSpaceError, disk_need_bytes, free_bytes
 
 SPEC_KEYS = ("name", "base", "grid", "combinations", "budget")
 MAX_MEMBERS = 256  # a grid beyond this is a typo (or a job for a real hyper-parameter search tool)
