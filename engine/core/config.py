@@ -213,6 +213,15 @@ class TrainSpec:
             "at most this machine's cores."
         ),
     )
+    # speed and memory (issue 12)
+    loss_chunk: int = field(
+        default=0,
+        metadata=_help(
+            "Output-head positions whose logits are computed at once: the loss runs over the head in chunks, so "
+            "no tokens × vocab logits tensor is ever alive (0 = auto: one fp32 chunk of at most 64 MiB, at least "
+            "128 positions)."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -459,6 +468,7 @@ def _validate_train(tr: TrainSpec, p: _Problems) -> None:
     p.need(tr.save_every >= 0, "train.save_every", tr.save_every, "must be ≥ 0 (0 = only at the end)")
     p.need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be ≥ 1")
     cores = os.cpu_count() or 1
+    p.need(tr.loss_chunk >= 0, "train.loss_chunk", tr.loss_chunk, "must be ≥ 0 (0 = auto; try 256–2048)")
     p.need(0 <= tr.threads <= cores, "train.threads", tr.threads, f"must be 0 (auto) to {cores} (this machine's cores)")
     p.need(0 <= tr.seed < 2**32, "train.seed", tr.seed, "must be 0 to 2³²−1")
 

@@ -37,6 +37,7 @@ from engine.core.memory import (
     FP32,
     GIB,
     PACKING_CHECK_EXAMPLES,
+    PACKING_CHECK_TARGETS,
     SAFETENSORS_ENTRY_OVERHEAD,
     SAFETENSORS_FILE_OVERHEAD,
     Shape,
@@ -45,6 +46,7 @@ from engine.core.memory import (
     int8_bytes,
     linear_weights,
     logits,
+    loss_chunk_rows,
     nf4_bytes,
     packing_check,
     workspace,
@@ -94,7 +96,7 @@ class Estimate:
     optimizer_bytes: int  # AdamW states
     activation_bytes: int  # tensors autograd keeps for backward at the end of the forward pass
     recompute_bytes: int  # gradient checkpointing: the one block recomputed in backward (in activation_bytes)
-    logits_bytes: int  # the loss's fp32 (N × vocab) tensors alive at its backward
+    logits_bytes: int  # the loss's peak: one chunk of (chunk × vocab) logits + the targets' hidden states
     workspace_bytes: int  # transient buffers of one layer's backward (gradients, dequantised weight)
     startup_bytes: int  # what the start-up packing check needs beyond the training step (often 0)
     framework_bytes: int  # CPU: libraries and tokenizer loaded after the trainer's RSS baseline; 0 on CUDA
@@ -106,6 +108,7 @@ class Estimate:
     assumptions: tuple[str, ...]
     basis: str = "worst case"  # 'dataset': sized on the largest micro-batch of the data; 'worst case': B × T
     batch_note: str = ""  # the micro-batch the estimate is for, in words
+    loss_chunk: int = 0  # positions whose logits are computed at once (engine.core.memory.loss_chunk_rows)
 
     @property
     def weights_bytes(self) -> int:
@@ -197,7 +200,7 @@ class Estimate:
             (
                 "start-up packing check (extra)",
                 self.startup_bytes,
-                f"no-grad forward of {PACKING_CHECK_EXAMPLES} examples: its logits exceed the step's",
+                f"no-grad forward of {PACKING_CHECK_EXAMPLES} examples cut to {PACKING_CHECK_TARGETS} targets: above the step",
             ),
             (
                 "libraries loaded during the run",
@@ -237,8 +240,8 @@ class Estimate:
                 "logits + loss",
                 self.logits_bytes,
                 at_loss,
-                f"N·vocab, N = {self.n_targets:,} target positions: "
-                "log-probs and 2 gradients, fp32, at the loss's backward",
+                f"one chunk of logits (≤ {self.loss_chunk:,} of N = {self.n_targets:,} target positions) × vocab, "
+                "fp32, + the targets' hidden states and their gradient",
             ),
             ("gradients", self.grad_bytes, not at_loss, f"{self.trainable_params:,} trainable params, fp32"),
             (
@@ -353,7 +356,8 @@ def _estimate_at(
     # activations, logits, workspace
     terms, recompute = activations(anatomy, chosen, cfg, shape, device, a, autocast)
     activation_bytes = sum(v for _, v in terms)
-    logits_bytes = logits(shape, a, n_targets, tr.packing)
+    chunk = loss_chunk_rows(tr.loss_chunk, shape.V)
+    logits_bytes = logits(shape, a, n_targets, chunk)
     work = workspace(anatomy, chosen, cfg, shape, a, c)
     # The step's peak above weights + LoRA (see Estimate.allocated_bytes): kept activations and AdamW
     # states, plus the larger of the loss's tensors and what the last block's backward holds.
@@ -379,7 +383,7 @@ def _estimate_at(
         recompute_bytes=recompute,
         logits_bytes=logits_bytes,
         workspace_bytes=work,
-        startup_bytes=max(0, packing_check(shape, a, *check) - step) if tr.packing else 0,
+        startup_bytes=max(0, packing_check(shape, a, *check) - step),
         framework_bytes=CPU_FRAMEWORK_BYTES if device == "cpu" else 0,
         allocator_bytes=allocator,
         mapped_file_bytes=linear_params * FP32 if aliased else 0,
@@ -389,6 +393,7 @@ def _estimate_at(
         assumptions=_assumptions(cfg, shape, n_targets, device, dtype, autocast, note),
         basis=basis,
         batch_note=note,
+        loss_chunk=chunk,
     )
 
 
@@ -437,8 +442,8 @@ def _assumptions(
     layout = (
         f"packed rows, output head on {n_targets:,} target positions"
         if tr.packing
-        else "rows padded to the longest, logits on every position"
-    )
+        else f"rows padded to the longest, output head on {n_targets:,} target positions"
+    ) + f", its logits {loss_chunk_rows(tr.loss_chunk, shape.V):,} positions at a time"
     return (
         f"{note}; {layout}" + (" (attention mask kept)" if shape.padded else ""),
         "SDPA memory-efficient/flash attention: O(seq) memory, no seq×seq scores kept",

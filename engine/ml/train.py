@@ -32,7 +32,7 @@ from engine.ml import data as D
 from engine.ml import model as M
 from engine.ml.hooks import TrainState, build_hooks
 from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
-from engine.ml.steps import evaluate, packing_agrees, token_losses
+from engine.ml.steps import evaluate, fast_paths, token_losses
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,9 +153,9 @@ def train(
     )
     sink.log(step, {"total_steps": total_steps, "train/examples": len(prep.train), "val/examples": len(prep.val)})
 
-    packed = tr.packing and packing_agrees(
-        model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len, device, autocast
-    )
+    # the chunked output head and packing, checked on this model (engine/ml/steps.py fast_paths)
+    paths = fast_paths(model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len, device, autocast)
+    packed = tr.packing and paths.packed
     make_batch = (
         (lambda mb: D.collate_packed(mb, pad_id, tr.max_seq_len)) if packed else (lambda mb: D.collate(mb, pad_id))
     )
@@ -176,7 +176,18 @@ def train(
         device,
         total_steps,
         step=step,
-        evaluate=lambda: evaluate(model, prep.val, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len),
+        evaluate=lambda: evaluate(
+            model,
+            prep.val,
+            tr.batch_size,
+            pad_id,
+            device,
+            autocast,
+            packed,
+            tr.max_seq_len,
+            fast=paths.head,
+            chunk=tr.loss_chunk,
+        ),
         save_adapter=lambda name: C.save_adapter(model, tok, out_dir, cfg, name),
     )
     for h in hooks:
@@ -200,7 +211,7 @@ def train(
             with autocast:
                 # Sum of per-token losses / target tokens of the whole step: every token weighs the same,
                 # however the step's examples are split into micro-batches.
-                loss = token_losses(model, batch, fast=packed).sum() / n_label
+                loss = token_losses(model, batch, fast=paths.head, chunk=tr.loss_chunk).sum() / n_label
                 for term in (h.loss_term(state) for h in hooks):
                     if term is not None:
                         loss = loss + term / tr.grad_accum
@@ -283,6 +294,7 @@ def train(
         "val_examples": len(prep.val),
         "data_fingerprint": prep.fingerprint,
         "packing": packed,
+        "chunked_loss": paths.head,
         **({"stopped": state.stop_reason} if state.stop_reason else {}),
         **state.summary,
     }
