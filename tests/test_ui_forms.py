@@ -119,6 +119,7 @@ NON_DEFAULT = dict(
     packing=False,
     seed=7,
     threads=1,
+    loss_chunk=256,
 )
 
 

@@ -277,7 +277,7 @@ def estimate(
     cfg: RunConfig,
     device: str = "cuda",
     *,
-    bf16_capable: bool = True,
+    bf16_capable: bool | None = None,
     target_frac: float | None = None,
     data: DataFacts | None = None,
 ) -> Estimate:
@@ -328,7 +328,7 @@ def _estimate_at(
     anatomy: Mapping[str, Any],
     cfg: RunConfig,
     device: str,
-    bf16_capable: bool,
+    bf16_capable: bool | None,
     shape: Shape,
     n_targets: int,
     check: tuple[int, int, int],
@@ -338,7 +338,7 @@ def _estimate_at(
     """The estimate for micro-batches of this shape (rows × length, n_targets loss positions)."""
     lo, tr = cfg.lora, cfg.train
     chosen = resolve_targets(lo, anatomy["modules"], str(anatomy.get("model") or "the model"))
-    dtype = resolve_dtype(cfg.dtype, device, bf16_capable)
+    dtype = resolve_dtype(cfg.dtype, device, bf16_capable, cfg.quant)
     c = DTYPE_BYTES[dtype]
     quantized = cfg.quant != "none"
     # engine/ml/train.py: autocast when the dtype is 16-bit and the base is not quantized.
@@ -489,8 +489,8 @@ def suggestions(
     if est.total_bytes <= budget_gb * GIB:
         return []
     tr = cfg.train
-    # est was made on a GPU without bf16 when auto resolved to fp32 on CUDA; keep that for the re-estimates.
-    bf16 = not (cfg.dtype == "auto" and est.device == "cuda" and est.compute_dtype == "fp32")
+    # what auto resolved to for est (a device with or without fast bf16) holds for the re-estimates too
+    bf16 = est.compute_dtype == "bf16" if cfg.dtype == "auto" and cfg.quant == "none" else None
     options: list[tuple[str, dict[str, Any]]] = []
     if cfg.quant != "4bit":
         options.append(("4-bit quantization", {"quant": "4bit"}))
@@ -548,5 +548,5 @@ def suggestions(
     return lines
 
 
-def _re_estimate(anatomy, cfg: RunConfig, device: str, bf16: bool, data: DataFacts | None) -> Estimate:
+def _re_estimate(anatomy, cfg: RunConfig, device: str, bf16: bool | None, data: DataFacts | None) -> Estimate:
     return estimate(anatomy, cfg, device, bf16_capable=bf16, data=data.clipped(cfg.train.max_seq_len) if data else None)

@@ -31,7 +31,7 @@ from engine.ml import checkpoint as C
 from engine.ml import data as D
 from engine.ml import model as M
 from engine.ml.hooks import TrainState, build_hooks
-from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
+from engine.ml.resources import ThreadWatch, peak_mem_gb, rss_gb
 from engine.ml.steps import evaluate, fast_paths, token_losses
 
 
@@ -100,9 +100,8 @@ def train(
     random.seed(cfg.train.seed)
     device = M.pick_device()
     dtype = M.compute_dtype(cfg, device)  # refuses fp16 on a CPU before any weights are read
-    if device.type == "cpu":
-        torch.set_num_threads(pick_threads(cfg.train.threads))
-    else:
+    threads = ThreadWatch(cfg.train.threads) if device.type == "cpu" else None  # re-checked during the run
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_base = rss_gb()  # CPU memory is reported as growth of peak RSS over this baseline
 
@@ -163,7 +162,7 @@ def train(
     batches = D.micro_batches(len(prep.train), tr.batch_size, tr.seed)
     for _ in range(step * tr.grad_accum):  # skip what was already trained; the order is a pure function
         next(batches)
-    hooks = build_hooks(cfg)
+    hooks = build_hooks(cfg) + ([threads] if threads else [])
     state = TrainState(
         cfg,
         model,
