@@ -209,18 +209,14 @@ class TrainSpec:
     threads: int = field(
         default=0,
         metadata=_help(
-            "CPU threads for torch (0 = auto: all cores when the machine is idle, 1 when other work is running); "
-            "at most this machine's cores."
+            "CPU threads for torch (0 = auto: the cores other processes are not using now, from a short CPU-use "
+            "sample and our own running trainings; re-checked during the run and logged); at most this machine's cores."
         ),
     )
     # speed and memory (issue 12)
     loss_chunk: int = field(
         default=0,
-        metadata=_help(
-            "Output-head positions whose logits are computed at once: the loss runs over the head in chunks, so "
-            "no tokens × vocab logits tensor is ever alive (0 = auto: one fp32 chunk of at most 64 MiB, at least "
-            "128 positions)."
-        ),
+        metadata=_help("Head positions the loss takes logits of at once (never tokens × vocab); 0 = auto, ≤ 64 MiB"),
     )
 
 
@@ -294,7 +290,13 @@ class RunConfig:
         ),
     )
     dtype: str = field(
-        default="auto", metadata=_help("Compute dtype: auto = bf16 on GPUs that support it, else fp32.", choices=DTYPES)
+        default="auto",
+        metadata=_help(
+            "Compute dtype: auto = bf16 where bf16 is fast (a GPU with bf16; a CPU with AVX512-BF16/AMX confirmed by a "
+            "cached matmul probe), else fp32 (`engine doctor` says which and why). bf16 keeps the frozen base weights "
+            "in bf16 under autocast; LoRA weights and optimizer states stay fp32.",
+            choices=DTYPES,
+        ),
     )
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow model code from the hub repo to run. Off unless you trust the repo.")
