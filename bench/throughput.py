@@ -392,12 +392,13 @@ def main() -> int:
     from engine.ml.resources import bf16_choice
 
     device = pick_device()
+    build_tiny(home)  # converts the embedded model too: done here, so no worker's peak memory counts it
     fast, why = bf16_choice(device, home)
     dtype = "bf16" if fast else "fp32"
     peaks = {d: matmul_peak(d) for d in ("fp32", "bf16")}
     say(f"device {device.type}, threads {os.environ.get('BENCH_THREADS', os.cpu_count())}, torch {torch.__version__}")
     say(f"Trainer's best setting here and the engine's dtype auto: {dtype} ({why})")
-    say(f"matmul peak measured now: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    say(f"matmul peak measured now: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     summaries = []
     for s in settings:
         say(

@@ -171,6 +171,7 @@ def test_config_from_form_maps_every_field():
         packing=False,
         seed=7,
         threads=1,
+        loss_chunk=256,
     )
     cfg2 = T.config_from_form({**NON_DEFAULT, "quant": "none", "init": "pissa", "freeze_A": False})
     assert cfg2.lora.init == "pissa"
