@@ -87,3 +87,35 @@ def test_training_uses_packing_and_reports_padding(tiny_llama_dir, chat_jsonl, t
     assert [s for s, _ in a] == [s for s, _ in b]
     for (_, x), (_, y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-4)
+
+
+@pytest.mark.parametrize("trainable_head", [False, True], ids=["frozen-head", "trainable-head"])
+def test_chunked_loss_equals_full_logits_loss_and_gradients(trainable_head, tiny_llama_dir, chat_jsonl):
+    """The chunked head (3 positions at a time, so many chunks and a ragged last one) gives the full-logits
+    per-token losses and the same gradients for the LoRA weights (and the head, when it trains) to fp32
+    round-off."""
+    tok = load_tokenizer(str(tiny_llama_dir))
+    cfg = RunConfig.from_dict({"model": str(tiny_llama_dir), "lora": {"r": 4, "dropout": 0.0}})
+    model = attach_lora(load_base_model(str(tiny_llama_dir), cfg, pick_device()), cfg)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(trainable_head)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    exs = _examples(tok, chat_jsonl, n=4)
+    batch = collate(exs, tok.pad_token_id)
+    weights = torch.linspace(0.5, 1.5, sum(e.n_label_tokens for e in exs))  # a non-uniform upstream gradient
+    grads, losses = [], []
+    for fast, chunk in ((False, 0), (True, 3)):
+        model.zero_grad(set_to_none=True)
+        per_token = token_losses(model, batch, fast=fast, chunk=chunk)
+        (per_token * weights).sum().backward()
+        losses.append(per_token.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert len(losses[0]) > 3 * 4  # several chunks
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    assert any("lm_head" in n or "embed" in n for n in grads[0]) == trainable_head
+    for n in grads[0]:  # fp32 round-off: summation order differs (chunks, a matmul instead of autograd's)
+        assert float((grads[1][n] - grads[0][n]).norm()) <= 1e-5 * float(grads[0][n].norm()) + 1e-9, n

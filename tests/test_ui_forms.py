@@ -135,6 +135,7 @@ NON_DEFAULT = dict(
     early_stopping_patience=3,
     early_stopping_min_delta=0.01,
     keep_best=True,
+    loss_chunk=256,
 )
 
 
@@ -200,6 +201,7 @@ def test_config_from_form_maps_every_field():
         early_stopping_patience=3,
         early_stopping_min_delta=0.01,
         keep_best=True,
+        loss_chunk=256,
     )
     cfg2 = T.config_from_form({**NON_DEFAULT, "quant": "none", "init": "pissa", "freeze_A": False})
     assert cfg2.lora.init == "pissa"

@@ -342,7 +342,7 @@ def estimate_markdown(
     if not anatomy or anatomy.get("model") != cfg.model:
         return f"{target}  \nPress **Inspect** to see the exact trainable parameter count and the memory estimate."
     device = (doctor or {}).get("device", "cuda")
-    bf16 = bool((doctor or {}).get("bf16", True))
+    bf16 = (doctor or {}).get("bf16")  # bf16 fast here (engine doctor); None before it answered
     data = DataFacts.from_dict(facts) if facts and facts.get("key") == facts_key(cfg) else None
     try:
         est = estimate(anatomy, cfg, device, bf16_capable=bf16, data=data)
@@ -362,6 +362,7 @@ def estimate_markdown(
         f", LoRA + grads + AdamW {gb(est.lora_bytes + est.grad_bytes + est.optimizer_bytes):.3f}"
         f", activations {gb(est.activation_bytes):.2f}, logits {gb(est.logits_bytes):.2f}  \n{basis}"
         + (f"  \n{scale}" if scale else "")
+        + auto_dtype_note(cfg, doctor)
     )
 
 
@@ -372,6 +373,12 @@ def devices_update(doctor: Mapping[str, Any] | None):
     return gr.update(choices=device_choices(gpus_from_doctor(doctor), int(doctor.get("cpu_count") or 1)))
 
 
+def auto_dtype_note(cfg: RunConfig, doctor: Mapping[str, Any] | None) -> str:
+    """What `dtype: auto` chose on this machine and why (engine doctor's answer), for the estimate."""
+    why = (doctor or {}).get("auto_dtype_why")
+    return f"  \ndtype auto → {why}" if cfg.dtype == "auto" and why else ""
+
+
 def launch_problems(cfg: RunConfig, anatomy: Mapping[str, Any] | None, doctor: Mapping[str, Any] | None):
     """(problems beyond the config's own validation, the estimate or None): quantization this machine cannot
     run, and target modules or layers the inspected model does not have."""
@@ -379,9 +386,7 @@ def launch_problems(cfg: RunConfig, anatomy: Mapping[str, Any] | None, doctor: M
     est = None
     if anatomy and anatomy.get("model") == cfg.model:
         try:
-            est = estimate(
-                anatomy, cfg, (doctor or {}).get("device", "cuda"), bf16_capable=bool((doctor or {}).get("bf16", True))
-            )
+            est = estimate(anatomy, cfg, (doctor or {}).get("device", "cuda"), bf16_capable=(doctor or {}).get("bf16"))
         except ConfigError as e:
             problems += e.problems
     return problems, est

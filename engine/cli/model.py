@@ -84,9 +84,12 @@ def cmd_doctor(args) -> int:
     import torch
 
     from engine.ml.distributed import local_gpus
-    from engine.ml.model import quant_support
+    from engine.ml.model import pick_device, quant_support
+    from engine.ml.resources import bf16_choice, choose_threads
 
     cuda = torch.cuda.is_available()
+    fast, why = bf16_choice(pick_device(), home_of(args))
+    threads = choose_threads(0)
     info = {
         "device": "cuda" if cuda else "cpu",
         "gpus": local_gpus(),  # every GPU: index, name, total_gb, free_gb (the queue places runs on them)
@@ -95,7 +98,11 @@ def cmd_doctor(args) -> int:
         "python": platform.python_version(),
         "gpu_name": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_mem_gb": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
-        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "bf16": fast,  # bf16 is fast here: what dtype auto resolves with
+        "auto_dtype": "bf16" if fast else "fp32",
+        "auto_dtype_why": why,
+        "threads": threads.threads,
+        "threads_why": threads.why,
         "quant": {k: {"ok": ok, "reason": why} for k, (ok, why) in quant_support().items()},
     }
     if args.json:
@@ -116,7 +123,7 @@ def cmd_estimate(args) -> int:
         here = pick_device()
         # the trainer's own rules (E.estimate → anatomy.resolve_dtype): fp16 on a CPU is refused by both
         device = args.device or here.type
-        bf16 = bf16_capable(here) if device == here.type else True
+        bf16 = bf16_capable(here) if device == here.type else None
         anatomy = inspect_model(cfg.model, home_of(args), trust_remote_code=cfg.trust_remote_code)
         facts = None if args.worst_case else data_facts(cfg, home_of(args))
         est = E.estimate(anatomy, cfg, device=device, bf16_capable=bf16, data=facts)

@@ -255,11 +255,14 @@ def natural_key(name: str) -> tuple:
 # ---- the compute dtype ---------------------------------------------------------------------------------------
 
 
-def resolve_dtype(dtype: str, device: str, bf16_capable: bool = True) -> str:
-    """The dtype a run computes in: `auto` = bf16 on a GPU that supports it, else fp32.
+def resolve_dtype(dtype: str, device: str, bf16_capable: bool | None = None, quant: str = "none") -> str:
+    """The dtype a run computes in: `auto` = bf16 where the device has fast bf16, else fp32.
 
-    fp16 is refused on CPU (no fast fp16 matmul there); engine.ml.model maps the answer to a torch dtype
-    and the estimator sizes memory with it, so both always agree.
+    bf16_capable: the device computes bf16 faster than fp32 (engine.ml.resources.bf16_choice: a CUDA GPU with
+    bf16, or a CPU with AVX512-BF16/AMX confirmed by a matmul probe); None = a CUDA GPU has it, a CPU not.
+    A quantized base on a CPU keeps fp32 under `auto` (bitsandbytes' CPU kernels). fp16 is refused on CPU
+    (no fast fp16 matmul there); engine.ml.model maps the answer to a torch dtype and the estimator sizes
+    memory with it, so both always agree.
     """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device = {device!r}: must be 'cuda' or 'cpu'")
@@ -267,4 +270,7 @@ def resolve_dtype(dtype: str, device: str, bf16_capable: bool = True) -> str:
         raise ConfigError(["dtype = 'fp16' on CPU: CPUs have no fast fp16 matmul; use 'bf16' or 'fp32'"])
     if dtype != "auto":
         return dtype
-    return "bf16" if device == "cuda" and bf16_capable else "fp32"
+    fast = device == "cuda" if bf16_capable is None else bf16_capable
+    if device == "cpu" and quant != "none":
+        return "fp32"
+    return "bf16" if fast else "fp32"

@@ -219,8 +219,8 @@ class TrainSpec:
     threads: int = field(
         default=0,
         metadata=_help(
-            "CPU threads for torch (0 = auto: all cores when the machine is idle, 1 when other work is running); "
-            "at most this machine's cores."
+            "CPU threads for torch (0 = auto: the cores other processes are not using now, from a short CPU-use "
+            "sample and our own running trainings; re-checked during the run and logged); at most this machine's cores."
         ),
     )
     # scale-out (issue 14): data-parallel processes (torchrun) and how they share the model
@@ -249,6 +249,11 @@ class TrainSpec:
             "Keep the adapter of the best validation step (runs/<id>/best_adapter) even without early stopping; "
             "early stopping always keeps it. Needs val_split > 0."
         ),
+    )
+    # speed and memory (issue 12)
+    loss_chunk: int = field(
+        default=0,
+        metadata=_help("Head positions the loss takes logits of at once (never tokens × vocab); 0 = auto, ≤ 64 MiB"),
     )
 
 
@@ -322,7 +327,13 @@ class RunConfig:
         ),
     )
     dtype: str = field(
-        default="auto", metadata=_help("Compute dtype: auto = bf16 on GPUs that support it, else fp32.", choices=DTYPES)
+        default="auto",
+        metadata=_help(
+            "Compute dtype: auto = bf16 where bf16 is fast (a GPU with bf16; a CPU with AVX512-BF16/AMX confirmed by a "
+            "cached matmul probe), else fp32 (`engine doctor` says which and why). bf16 keeps the frozen base weights "
+            "in bf16 under autocast; LoRA weights and optimizer states stay fp32.",
+            choices=DTYPES,
+        ),
     )
     trust_remote_code: bool = field(
         default=False, metadata=_help("Allow model code from the hub repo to run. Off unless you trust the repo.")
@@ -497,6 +508,7 @@ def _validate_train(tr: TrainSpec, p: _Problems) -> None:
     p.need(tr.save_every >= 0, "train.save_every", tr.save_every, "must be ≥ 0 (0 = only at the end)")
     p.need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be ≥ 1")
     cores = os.cpu_count() or 1
+    p.need(tr.loss_chunk >= 0, "train.loss_chunk", tr.loss_chunk, "must be ≥ 0 (0 = auto; try 256–2048)")
     p.need(0 <= tr.threads <= cores, "train.threads", tr.threads, f"must be 0 (auto) to {cores} (this machine's cores)")
     p.need(0 <= tr.seed < 2**32, "train.seed", tr.seed, "must be 0 to 2³²−1")
     p.extend(validate_devices(tr))

@@ -36,6 +36,7 @@ from engine.core.memory import (
     FP32,
     GIB,
     PACKING_CHECK_EXAMPLES,
+    PACKING_CHECK_TARGETS,
     SAFETENSORS_ENTRY_OVERHEAD,
     SAFETENSORS_FILE_OVERHEAD,
     Shape,
@@ -44,6 +45,7 @@ from engine.core.memory import (
     int8_bytes,
     linear_weights,
     logits,
+    loss_chunk_rows,
     nf4_bytes,
     packing_check,
     workspace,
@@ -93,7 +95,7 @@ class Estimate:
     optimizer_bytes: int  # AdamW states
     activation_bytes: int  # tensors autograd keeps for backward at the end of the forward pass
     recompute_bytes: int  # gradient checkpointing: the one block recomputed in backward (in activation_bytes)
-    logits_bytes: int  # the loss's fp32 (N × vocab) tensors alive at its backward
+    logits_bytes: int  # the loss's peak: one chunk of (chunk × vocab) logits + the targets' hidden states
     workspace_bytes: int  # transient buffers of one layer's backward (gradients, dequantised weight)
     startup_bytes: int  # what the start-up packing check needs beyond the training step (often 0)
     framework_bytes: int  # CPU: libraries and tokenizer loaded after the trainer's RSS baseline; 0 on CUDA
@@ -105,6 +107,7 @@ class Estimate:
     assumptions: tuple[str, ...]
     basis: str = "worst case"  # 'dataset': sized on the largest micro-batch of the data; 'worst case': B × T
     batch_note: str = ""  # the micro-batch the estimate is for, in words
+    loss_chunk: int = 0  # positions whose logits are computed at once (engine.core.memory.loss_chunk_rows)
 
     @property
     def weights_bytes(self) -> int:
@@ -196,7 +199,7 @@ class Estimate:
             (
                 "start-up packing check (extra)",
                 self.startup_bytes,
-                f"no-grad forward of {PACKING_CHECK_EXAMPLES} examples: its logits exceed the step's",
+                f"no-grad forward of {PACKING_CHECK_EXAMPLES} examples cut to {PACKING_CHECK_TARGETS} targets: above the step",
             ),
             (
                 "libraries loaded during the run",
@@ -236,8 +239,8 @@ class Estimate:
                 "logits + loss",
                 self.logits_bytes,
                 at_loss,
-                f"N·vocab, N = {self.n_targets:,} target positions: "
-                "log-probs and 2 gradients, fp32, at the loss's backward",
+                f"one chunk of logits (≤ {self.loss_chunk:,} of N = {self.n_targets:,} target positions) × vocab, "
+                "fp32, + the targets' hidden states and their gradient",
             ),
             ("gradients", self.grad_bytes, not at_loss, f"{self.trainable_params:,} trainable params, fp32"),
             (
@@ -273,7 +276,7 @@ def estimate(
     cfg: RunConfig,
     device: str = "cuda",
     *,
-    bf16_capable: bool = True,
+    bf16_capable: bool | None = None,
     target_frac: float | None = None,
     data: DataFacts | None = None,
 ) -> Estimate:
@@ -324,7 +327,7 @@ def _estimate_at(
     anatomy: Mapping[str, Any],
     cfg: RunConfig,
     device: str,
-    bf16_capable: bool,
+    bf16_capable: bool | None,
     shape: Shape,
     n_targets: int,
     check: tuple[int, int, int],
@@ -334,7 +337,7 @@ def _estimate_at(
     """The estimate for micro-batches of this shape (rows × length, n_targets loss positions)."""
     lo, tr = cfg.lora, cfg.train
     chosen = resolve_targets(lo, anatomy["modules"], str(anatomy.get("model") or "the model"))
-    dtype = resolve_dtype(cfg.dtype, device, bf16_capable)
+    dtype = resolve_dtype(cfg.dtype, device, bf16_capable, cfg.quant)
     c = DTYPE_BYTES[dtype]
     quantized = cfg.quant != "none"
     # engine/ml/train.py: autocast when the dtype is 16-bit and the base is not quantized.
@@ -352,7 +355,8 @@ def _estimate_at(
     # activations, logits, workspace
     terms, recompute = activations(anatomy, chosen, cfg, shape, device, a, autocast)
     activation_bytes = sum(v for _, v in terms)
-    logits_bytes = logits(shape, a, n_targets, tr.packing)
+    chunk = loss_chunk_rows(tr.loss_chunk, shape.V)
+    logits_bytes = logits(shape, a, n_targets, chunk)
     work = workspace(anatomy, chosen, cfg, shape, a, c)
     # The step's peak above weights + LoRA (see Estimate.allocated_bytes): kept activations and AdamW
     # states, plus the larger of the loss's tensors and what the last block's backward holds.
@@ -378,7 +382,7 @@ def _estimate_at(
         recompute_bytes=recompute,
         logits_bytes=logits_bytes,
         workspace_bytes=work,
-        startup_bytes=max(0, packing_check(shape, a, *check) - step) if tr.packing else 0,
+        startup_bytes=max(0, packing_check(shape, a, *check) - step),
         framework_bytes=CPU_FRAMEWORK_BYTES if device == "cpu" else 0,
         allocator_bytes=allocator,
         mapped_file_bytes=linear_params * FP32 if aliased else 0,
@@ -388,6 +392,7 @@ def _estimate_at(
         assumptions=_assumptions(cfg, shape, n_targets, device, dtype, autocast, note),
         basis=basis,
         batch_note=note,
+        loss_chunk=chunk,
     )
 
 
@@ -437,8 +442,8 @@ def _assumptions(
     layout = (
         f"packed rows, output head on {n_targets:,} target positions"
         if tr.packing
-        else "rows padded to the longest, logits on every position"
-    )
+        else f"rows padded to the longest, output head on {n_targets:,} target positions"
+    ) + f", its logits {loss_chunk_rows(tr.loss_chunk, shape.V):,} positions at a time"
     return (
         f"{note}; {layout}" + (" (attention mask kept)" if shape.padded else ""),
         "SDPA memory-efficient/flash attention: O(seq) memory, no seq×seq scores kept",
@@ -484,8 +489,8 @@ def suggestions(
     if est.total_bytes <= budget_gb * GIB:
         return []
     tr = cfg.train
-    # est was made on a GPU without bf16 when auto resolved to fp32 on CUDA; keep that for the re-estimates.
-    bf16 = not (cfg.dtype == "auto" and est.device == "cuda" and est.compute_dtype == "fp32")
+    # what auto resolved to for est (a device with or without fast bf16) holds for the re-estimates too
+    bf16 = est.compute_dtype == "bf16" if cfg.dtype == "auto" and cfg.quant == "none" else None
     options: list[tuple[str, dict[str, Any]]] = []
     if cfg.quant != "4bit":
         options.append(("4-bit quantization", {"quant": "4bit"}))
@@ -543,5 +548,5 @@ def suggestions(
     return lines
 
 
-def _re_estimate(anatomy, cfg: RunConfig, device: str, bf16: bool, data: DataFacts | None) -> Estimate:
+def _re_estimate(anatomy, cfg: RunConfig, device: str, bf16: bool | None, data: DataFacts | None) -> Estimate:
     return estimate(anatomy, cfg, device, bf16_capable=bf16, data=data.clipped(cfg.train.max_seq_len) if data else None)

@@ -54,3 +54,8 @@ def open_store(home: str | os.PathLike | None = None, db_url: str | None = None)
     from storage import Store
 
     return Store(db_url) if db_url else Store.for_home(data_home(home))
+
+
+def bf16_probe_file(home: Path) -> Path:
+    """Where engine.ml.resources caches this CPU's fp32-vs-bf16 matmul probe (what `dtype: auto` picks)."""
+    return Path(home) / "cache" / "bf16_probe.json"

@@ -28,13 +28,15 @@ autograd graph after a forward pass (tests/test_estimate.py repeats that check):
   on padded ones (tests/test_estimate.py). With batch_size 1 there is no mask (a single example has
   no restart) and keys/values stay at num_key_value_heads. Rows that each hold exactly one
   max_seq_len example have no mask either: the estimate keeps the mask, an upper bound.
-- The loss: with packing the trainer runs the output head only on positions that have a target
-  (engine/ml/train.py token_losses), so the logits are N × vocab with N ≤ batch_size·(max_seq_len − 1)
-  target tokens, not batch × seq × vocab. Every position is assumed to be a target (train_on all, or
-  the worst case of train_on responses) unless estimate() gets a target_frac hint.
-- At the start of a packed run the trainer checks, without gradients, that packing gives the padded
-  losses on the first 4 examples (engine/ml/train.py packing_agrees). Its logits can exceed the training
-  step's when batch_size < 4 and the vocabulary is large; the estimate counts the excess.
+- The loss: the trainer runs the output head only on positions that have a target, and over them in
+  chunks of train.loss_chunk positions (engine/ml/steps.py chunked_head_loss), so at most one chunk's
+  logits (chunk × vocab) are alive, never N × vocab; N ≤ batch_size·(max_seq_len − 1) target tokens.
+  Every position is assumed to be a target (train_on all, or the worst case of train_on responses)
+  unless estimate() gets a target_frac hint. A model whose head fails the start-up check (more than a
+  linear layer) computes its full logits instead, which is not modelled.
+- At the start of a run the trainer checks, without gradients, that the chunked head and packing give the
+  model's own losses on the first 4 examples cut to half a chunk of targets each (engine/ml/steps.py
+  fast_paths), so the check stays under the training step; the estimate counts any excess.
 - On CPU the trainer's measured peak is the growth of peak RSS over a baseline taken after torch is
   imported; the model's transformers code, peft and the tokenizer load after that baseline and count
   in the growth (framework_bytes), and so does memory glibc's malloc keeps after tensors are freed
@@ -89,8 +91,9 @@ CPU_HEAP_KEPT_FRACTION_CHECKPOINTED = 0.75
 # so the mapping stays alive for the whole run, and the linear layers' original bytes, read once to
 # quantize them, stay resident beside their int8/NF4 copies (seen in /proc/self/smaps by the bench).
 FILE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# engine/ml/train.py packing_agrees checks packing on prep.train[:4] before training (no gradients).
+# engine/ml/steps.py fast_paths checks the chunked head and packing on prep.train[:4] before training.
 PACKING_CHECK_EXAMPLES = 4
+PACKING_CHECK_TARGETS = 32  # ... each cut to this many targets, the head run this many positions at a time
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
@@ -382,34 +385,45 @@ def _lora_block(
     return t
 
 
-def logits(s: Shape, a: int, n_targets: int, packed: bool) -> int:
-    """The loss's peak, at the start of backward (engine/ml/train.py token_losses).
+LOSS_CHUNK_BYTES = 64 * 1024**2  # train.loss_chunk = 0: one fp32 chunk of logits at most this big
+LOSS_CHUNK_MIN_ROWS = 128  # ... but never fewer positions than this (small matmuls waste the head's speed)
 
-    cross_entropy(logits.float()) keeps its fp32 log-softmax output (N × V) for backward; the logits
-    themselves and their fp32 upcast are freed after the forward (nothing keeps them). Backward then
-    creates the fp32 gradient of the log-probabilities and, inside log_softmax's backward, the fp32
-    gradient of the logits while the saved output is still alive: 3 fp32 (N × V) tensors.
-    Packed: the head runs on the N target positions only, so that is all.
-    Padded: the head runs on all B·T positions and logits[mask] picks the targets; its backward
-    scatters the (N × V) gradient into a zero (B, T, V) tensor in the activation dtype (2 such tensors
-    live at once), which is the peak when N is close to B·T in fp32.
+
+def loss_chunk_rows(setting: int, vocab: int) -> int:
+    """Positions whose logits the loss computes at once (train.loss_chunk; 0 = auto from the vocabulary)."""
+    if setting > 0:
+        return setting
+    return max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_BYTES // (FP32 * max(1, vocab)))
+
+
+def logits(s: Shape, a: int, n_targets: int, chunk: int) -> int:
+    """The loss's peak, at the end of the forward (engine/ml/steps.py chunked_head_loss).
+
+    The head runs on the N target positions only, `chunk` rows at a time (c = min(N, chunk)): one chunk's
+    logits in the activation dtype, upcast to one fp32 (c × V) buffer that log-sum-exp and the softmax
+    gradient reuse in place, and (16-bit) its cast back for the gradient matmul. Alive beside it for the
+    whole loss: the N target hidden states and their gradient, made in the forward chunk by chunk
+    ((softmax − one-hot)·W, c × H at a time) and kept for backward, which only scales it. Nothing
+    N × vocab is alive.
     """
-    if packed:
-        return 3 * FP32 * n_targets * s.V
-    return max(3 * FP32 * n_targets * s.V, (2 * s.B * s.T + n_targets) * s.V * a)
+    c = max(1, min(n_targets, chunk))
+    return c * s.V * (FP32 + (a if a != FP32 else 0)) + (2 * n_targets + c) * s.H * a
 
 
 def packing_check(s: Shape, a: int, C: int, T: int, n: int) -> int:
-    """Transient peak of engine/ml/train.py packing_agrees: no gradients, C (≤ 4) examples, the longest of T
-    tokens, n targets in all.
+    """Transient peak of engine/ml/steps.py fast_paths: no gradients, C (≤ 4) examples cut to at most
+    PACKING_CHECK_TARGETS targets each, the longest of T tokens, n targets in all (before the cut).
 
-    Its padded reference computes (C, T, V) logits and gathers the targets' rows from them ((C·T + N)·V
-    in the activation dtype), then the loss holds the gathered logits, their fp32 upcast and the fp32
-    log-probs (N·V·(a + 4 + 4), the upcast being a no-op in fp32); the last hidden states (C, T, H)
-    are alive too. Only its excess over the training step counts.
+    Its reference runs the model one example at a time with the head on that example's targets only
+    (logits_to_keep): their logits, the fp32 upcast and the log-probs (m·V·(a + 4 + 4), the upcast a
+    no-op in fp32) beside the example's last hidden states; then the chunked head on all of them.
+    Only its excess over the training step counts (in practice none: the step keeps every activation).
     """
+    limit = PACKING_CHECK_TARGETS
+    m = max(1, min(n, limit))
     upcast = FP32 if a != FP32 else 0
-    return s.V * max((C * T + n) * a, n * (a + upcast + FP32)) + 2 * C * T * s.H * a
+    reference = m * s.V * (a + upcast + FP32) + 2 * min(T, s.T) * s.H * a
+    return max(reference, logits(s, a, min(n, C * limit), limit))
 
 
 def workspace(

@@ -45,10 +45,10 @@ class StepLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, torch.Tensor] | None = None, fast: bool = False, **inputs):
+    def forward(self, batch: dict[str, torch.Tensor] | None = None, fast: bool = False, chunk: int = 0, **inputs):
         if batch is None:  # a plain forward (evaluation through the FSDP root)
             return self.model(**inputs)
-        return token_losses(self.model, batch, fast=fast)
+        return token_losses(self.model, batch, fast=fast, chunk=chunk)
 
 
 def local_gpus() -> list[dict[str, Any]]:

@@ -175,12 +175,18 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def bf16_capable(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 is fast on this device (engine.ml.resources.bf16_choice: CUDA with bf16, or a CPU with native
+    bf16 matmuls confirmed by a cached probe); only asked when dtype is auto."""
+    from engine.ml.resources import bf16_choice
+
+    return bf16_choice(device)[0]
 
 
 def compute_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """The torch dtype of engine.core.anatomy.resolve_dtype's rule (the estimator uses the same rule)."""
-    return TORCH_DTYPES[A.resolve_dtype(cfg.dtype, device.type, bf16_capable(device))]
+    """The torch dtype of engine.core.anatomy.resolve_dtype's rule (the estimator uses the same rule):
+    bf16 = frozen base weights in bf16 and autocast; LoRA weights and AdamW states stay fp32 (peft)."""
+    fast = bf16_capable(device) if cfg.dtype == "auto" else None
+    return TORCH_DTYPES[A.resolve_dtype(cfg.dtype, device.type, fast, cfg.quant)]
 
 
 def quant_support() -> dict[str, tuple[bool, str]]:

@@ -36,9 +36,9 @@ from engine.ml import early_stop  # noqa: F401  (registers its hook in engine.ml
 from engine.ml import model as M
 from engine.ml.distributed import Distributed
 from engine.ml.hooks import TrainState, build_hooks
-from engine.ml.resources import peak_mem_gb, pick_threads, rss_gb
+from engine.ml.resources import ThreadWatch, peak_mem_gb, pick_threads, rss_gb
 from engine.ml.spectra import adapter_spectra, model_spectra
-from engine.ml.steps import evaluate, packing_agrees
+from engine.ml.steps import evaluate, fast_paths
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,7 +109,10 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device
     dtype = M.compute_dtype(cfg, device)  # refuses fp16 on a CPU before any weights are read
-    if device.type == "cpu":
+    threads = None  # one process on a CPU: the choice is re-checked during the run and logged
+    if device.type == "cpu" and dist.local_world == 1:
+        threads = ThreadWatch(cfg.train.threads)
+    elif device.type == "cpu":
         dist.threads(pick_threads(cfg.train.threads))  # the machine's cores shared by its processes
     else:
         torch.cuda.reset_peak_memory_stats()
@@ -170,11 +173,11 @@ def train(
     sink.set_summary(devices=dist.label, world_size=dist.world)
     sink.log(step, {"total_steps": total_steps, "train/examples": len(prep.train), "val/examples": len(prep.val)})
 
-    packed = (  # under FSDP every forward goes through the wrapper: padded layout, whole logits
-        tr.packing
-        and not dist.fsdp
-        and packing_agrees(model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len, device, autocast)
-    )
+    # the chunked output head and packing, checked on this model (engine/ml/steps.py fast_paths); under FSDP
+    # every forward goes through the wrapper: padded layout, whole logits
+    paths = fast_paths(model, prep.train[: min(4, len(prep.train))], pad_id, tr.max_seq_len, device, autocast)
+    fast_head = paths.head and not dist.fsdp
+    packed = tr.packing and paths.packed and not dist.fsdp
     make_batch = (
         (lambda mb: D.collate_packed(mb, pad_id, tr.max_seq_len)) if packed else (lambda mb: D.collate(mb, pad_id))
     )
@@ -183,7 +186,16 @@ def train(
     forward, opt = dist.prepare(model, opt)
     batches = dist.steps(prep.train, tr, start=micro_start)
     run_eval = lambda ex: evaluate(
-        forward if dist.fsdp else model, ex, tr.batch_size, pad_id, device, autocast, packed, tr.max_seq_len
+        forward if dist.fsdp else model,
+        ex,
+        tr.batch_size,
+        pad_id,
+        device,
+        autocast,
+        packed,
+        tr.max_seq_len,
+        fast=fast_head,
+        chunk=tr.loss_chunk,
     )
 
     def write_adapter(name: str = R.ADAPTER_DIRNAME) -> Path | None:
@@ -210,7 +222,7 @@ def train(
             weights=weights,
         )
 
-    hooks = build_hooks(cfg)
+    hooks = build_hooks(cfg) + ([threads] if threads else [])
     state = TrainState(
         cfg,
         model,
@@ -249,7 +261,7 @@ def train(
                 with autocast:
                     # Sum of per-token losses / target tokens of the whole step: every token weighs the same,
                     # however the step is split into micro-batches and processes (× world: DDP averages).
-                    loss = forward(batch, packed).sum() * dist.world / n_label
+                    loss = forward(batch, fast_head, tr.loss_chunk).sum() * dist.world / n_label
                     for term in (h.loss_term(state) for h in hooks):
                         if term is not None:
                             loss = loss + term / tr.grad_accum
@@ -324,6 +336,7 @@ def train(
         "val_examples": len(prep.val),
         "data_fingerprint": prep.fingerprint,
         "packing": packed,
+        "chunked_loss": fast_head,
         **({"stopped": state.stop_reason} if state.stop_reason else {}),
         **state.summary,
     }
