@@ -105,7 +105,7 @@ def test_train_and_history_in_the_browser(app_url, page, request, tiny_llama_dir
 
     # launch and watch: the loss plot gets a trace, the status counts steps, then says succeeded
     page.locator("#launch-btn").click()
-    expect(page.locator("#launch-msg")).to_contain_text("launched", timeout=120_000)  # after `engine check`
+    expect(page.locator("#launch-msg")).to_contain_text("launched", timeout=300_000)  # after `engine check`
     expect(page.locator("#loss-plot .legendtext", has_text="train loss")).to_be_visible(timeout=120_000)
     expect(page.locator("#run-status")).to_contain_text("step", timeout=30_000)
     # a second tab opened mid-run (= closing the page and coming back) re-attaches to the run
