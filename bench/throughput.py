@@ -12,7 +12,7 @@ loading is not counted for either. Printed: tokens/s per arm (median over rounds
 padding fraction, the final losses (mean of the last steps), which must agree within 2 % (a faster run
 that learns less would not count), the peak memory of each arm (growth of peak RSS over the worker's
 baseline after `import torch` on CPU, torch.cuda.max_memory_allocated on GPU), and the engine's MFU:
-training FLOP/s over this machine's matmul peak in the same dtype, measured by the bench in the same run.
+training FLOP/s over this machine's matmul peak in the same dtype, measured by the bench in the same run (in each engine worker right after its steps, so both see the same load).
 
 The Trainer runs at its best setting here: bf16=True where bf16 is fast on the device (the engine's own
 rule, engine.ml.resources.bf16_choice: CUDA with bf16, or a CPU with AVX512-BF16/AMX confirmed by a
@@ -236,6 +236,9 @@ def worker(arm: str, setting: str, home: Path, steps: int | None, out: Path) -> 
         res["flop_per_s"] = train_flops(cfg, home, len(res["times"])) / (
             res["times"][-1] - res["times"][WARMUP_STEPS - 1]
         )
+        # the matmul peak right after the steps, in the same process, threads and dtype: the MFU's denominator
+        # then sees the same machine load as its numerator (a shared machine's load changes between rounds)
+        res["peak_gflops"] = matmul_peak(os.environ.get("BENCH_DTYPE", "fp32"))
     res["final_loss"] = statistics.mean(res["losses"][-LAST_K:])
     out.write_text(json.dumps(res))
 
@@ -311,6 +314,7 @@ def run_setting(setting: str, rounds: int, steps: int | None, home: Path, peak: 
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "LORALAB_TRAIN_THREADS": os.environ.get("BENCH_THREADS", str(os.cpu_count() or 1)),
+        "BENCH_DTYPE": dtype,
     }
     for r in range(rounds):
         for arm in ("engine", "trainer"):  # A B A B ...
@@ -348,13 +352,14 @@ def run_setting(setting: str, rounds: int, steps: int | None, home: Path, peak: 
         "trainer_peak_gb": statistics.median(x["peak_gb"] for x in t),
         "trainer_dtype": dtype,
         "engine_dtype": dtype,
-        "peak_gflops": peak,
+        "peak_gflops": statistics.median(x["peak_gflops"] for x in e),
+        "peak_gflops_at_start": peak,
         "engine_gflops": statistics.median(x["flop_per_s"] for x in e) / 1e9,
+        "engine_mfu": statistics.median(x["flop_per_s"] / 1e9 / x["peak_gflops"] for x in e),
     }
     summary["loss_engine"], summary["loss_trainer"] = summary["engine_loss"], summary["trainer_loss"]
     summary["ratio"] = summary["engine_tok_s"] / summary["trainer_tok_s"]
     summary["loss_diff"] = abs(summary["engine_loss"] - summary["trainer_loss"]) / summary["trainer_loss"]
-    summary["engine_mfu"] = summary["engine_gflops"] / peak
     summary["memory_ratio"] = summary["engine_peak_gb"] / max(1e-9, summary["trainer_peak_gb"])
     return summary
 
