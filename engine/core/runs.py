@@ -6,6 +6,7 @@
     <home>/runs/<id>/adapter/               the final PEFT adapter (adapter_config.json + adapter_model.safetensors)
     <home>/runs/<id>/best_adapter/          the adapter of the best validation step (early stopping, keep_best)
     <home>/runs/<id>/best.json              which step that was and its val loss: {"step", "val_loss", ...}
+    <home>/runs/<id>/compare.json           the latest outcome comparison this run took part in (engine.core.compare)
     <home>/exports/run-<id>-adapter.zip     the adapter with its model card
     <home>/exports/run-<id>-merged/         base + adapter merged
     <home>/exports/run-<id>.gguf            base + adapter merged, as GGUF (+ run-<id>.Modelfile for Ollama)
@@ -31,6 +32,7 @@ KEEP_CHECKPOINTS = 2
 ADAPTER_CONFIG = "adapter_config.json"
 BEST_ADAPTER_DIRNAME = "best_adapter"
 BEST_MARK = "best.json"
+COMPARE_RESULT = "compare.json"
 ADAPTER_CHOICES = ("last", "best")  # which of a run's adapters: the final one, or the best validation step's
 
 
@@ -127,6 +129,11 @@ def chosen_adapter(run: Any, which: str = "last", home: str | Path | None = None
             f"run {run.id} kept no best adapter (train.early_stopping_patience or train.keep_best, with validation)"
         )
     return Path(best["adapter_dir"])
+
+
+def compare_path(run: Any, home: str | Path | None = None) -> Path:
+    """Where the latest outcome comparison that included this run is stored."""
+    return run_folder(run, home) / COMPARE_RESULT
 
 
 def deletable_folder(home: str | Path, run: Any) -> Path:
