@@ -23,6 +23,7 @@ from engine.core.events import format_duration
 from engine.core.export import ExportError, export_adapter_zip
 from engine.core.runs import deletable_folder
 from storage import RunStatus
+from ui.compare_panel import build_compare_panel
 from ui.errors import refuse, warn
 from ui.plots import compare_figure, loss_figure, lr_figure, reindex
 
@@ -262,6 +263,7 @@ class HistoryTab:
     run_pick: Any
     relaunch_btn: Any
     refresh: Any  # (fn, inputs, outputs) to run when the tab is opened or the page loads
+    compare_refresh: Any = None  # the Compare outcomes section's model choices, whenever the runs change
 
 
 def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
@@ -305,6 +307,7 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         smoothing = gr.Slider(0, 0.99, 0.0, step=0.01, label="Smoothing (EMA)", scale=2)
     compare_plot = gr.Plot(label="Loss curves", elem_id="compare-plot")
     diff_table = gr.Dataframe(pd.DataFrame(columns=["field"]), interactive=False, label="Config fields that differ")
+    compare_refresh = build_compare_panel(store, backend, home)
 
     refresh = (partial(refresh_history, store=store), [statuses, text], [table, run_pick, compare_ids])
     gr.on([refresh_btn.click, statuses.change, text.submit], *refresh, api_name="history")
@@ -329,4 +332,4 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
     download_btn.click(
         partial(download_adapter, store=store, home=home), [run_pick], [adapter_file], api_name="download_adapter"
     )
-    return HistoryTab(run_pick=run_pick, relaunch_btn=relaunch_btn, refresh=refresh)
+    return HistoryTab(run_pick=run_pick, relaunch_btn=relaunch_btn, refresh=refresh, compare_refresh=compare_refresh)

@@ -11,6 +11,7 @@
     <home>/exports/run-<id>-merged/         base + adapter merged
     <home>/exports/run-<id>.gguf            base + adapter merged, as GGUF (+ run-<id>.Modelfile for Ollama)
     <home>/exports/run-<id>-lora.gguf       the adapter as a llama.cpp LoRA GGUF (+ run-<id>-lora.Modelfile)
+    <home>/exports/compare-runs-<ids>.csv   an outcome comparison of those runs, one row per prompt × model
 
 The trainer writes these names, the job queue, the CLI and the UI read them: all through this module.
 `run` below is a storage RunRecord (anything with id, out_dir and adapter_dir).
@@ -129,6 +130,10 @@ def chosen_adapter(run: Any, which: str = "last", home: str | Path | None = None
             f"run {run.id} kept no best adapter (train.early_stopping_patience or train.keep_best, with validation)"
         )
     return Path(best["adapter_dir"])
+
+
+def compare_csv_path(home: str | Path, run_ids: list[int]) -> Path:
+    return exports_dir(home) / f"compare-runs-{'-'.join(str(i) for i in sorted(set(run_ids)))}.csv"
 
 
 def compare_path(run: Any, home: str | Path | None = None) -> Path:
