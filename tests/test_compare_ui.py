@@ -1,5 +1,6 @@
 """The History tab's Compare outcomes section (ui.compare_panel) without a browser: the model choices hold a
-run's last and best adapters, the engine command it builds, and the tables and CSV it shows from the result."""
+run's last and best adapters, the engine command it builds, and the tables and CSV it shows from the result;
+and History's adapter download offering the best adapter beside the last."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def finished_with_best(store, home) -> int:
     for name in ("adapter", "best_adapter"):
         (out / name).mkdir(parents=True)
         (out / name / "adapter_config.json").write_text("{}")
+        (out / name / "adapter_model.safetensors").write_bytes(name.encode())
     (out / "best.json").write_text(json.dumps({"step": 4, "val_loss": 1.5}))
     store.set_out_dir(rid, str(out))
     store.update_run(rid, adapter_dir=str(out / "adapter"))
@@ -90,3 +92,26 @@ def test_compare_section_offers_best_builds_the_command_and_shows_the_result(sto
     assert side["reference"].tolist() == ["ahoy", "a pirate"] and csv["value"] == csv_path
     md, *_ = P.compare_outcomes([], "val", "", 8, 0, backend=fake, home=home)
     assert len(fake.calls) == 1  # nothing chosen: no engine call, a warning instead
+
+
+def test_history_downloads_the_best_adapter_beside_the_last(store, tmp_path):
+    import zipfile
+
+    import gradio as gr
+
+    from ui import history_tab as H
+
+    home = tmp_path / "home"
+    rid = finished_with_best(store, home)
+    assert [v for _, v in H.adapter_choices(rid, store=store)["choices"]] == ["last", "best"]
+    assert "step 4, val 1.500" in H.adapter_choices(rid, store=store)["choices"][1][0]
+    best = H.download_adapter(rid, "best", store=store, home=home)["value"]
+    last = H.download_adapter(rid, "last", store=store, home=home)["value"]
+    assert best.endswith(f"run-{rid}-best-adapter.zip") and last.endswith(f"run-{rid}-adapter.zip")
+    assert zipfile.ZipFile(best).read("adapter_model.safetensors") == b"best_adapter"
+    assert zipfile.ZipFile(last).read("adapter_model.safetensors") == b"adapter"
+    assert "best validation step" in zipfile.ZipFile(best).read("README.md").decode()
+    (home / "runs" / str(rid) / "best.json").unlink()
+    assert [v for _, v in H.adapter_choices(rid, store=store)["choices"]] == ["last"]
+    with pytest.raises(gr.Error, match="kept no best adapter"):
+        H.download_adapter(rid, "best", store=store, home=home)

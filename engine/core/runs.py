@@ -7,7 +7,7 @@
     <home>/runs/<id>/best_adapter/          the adapter of the best validation step (early stopping, keep_best)
     <home>/runs/<id>/best.json              which step that was and its val loss: {"step", "val_loss", ...}
     <home>/runs/<id>/compare.json           the latest outcome comparison this run took part in (engine.core.compare)
-    <home>/exports/run-<id>-adapter.zip     the adapter with its model card
+    <home>/exports/run-<id>-adapter.zip     the adapter with its model card (run-<id>-best-adapter.zip: the best one)
     <home>/exports/run-<id>-merged/         base + adapter merged
     <home>/exports/run-<id>.gguf            base + adapter merged, as GGUF (+ run-<id>.Modelfile for Ollama)
     <home>/exports/run-<id>-lora.gguf       the adapter as a llama.cpp LoRA GGUF (+ run-<id>-lora.Modelfile)
@@ -87,8 +87,9 @@ def exports_dir(home: str | Path) -> Path:
     return p
 
 
-def adapter_zip_path(home: str | Path, run_id: int) -> Path:
-    return exports_dir(home) / f"run-{run_id}-adapter.zip"
+def adapter_zip_path(home: str | Path, run_id: int, which: str = "last") -> Path:
+    """run-<id>-adapter.zip, or run-<id>-best-adapter.zip for the best validation step's adapter."""
+    return exports_dir(home) / f"run-{run_id}{'-best' if which == 'best' else ''}-adapter.zip"
 
 
 def merged_path(home: str | Path, run_id: int) -> Path:
