@@ -42,8 +42,8 @@ def selected(args, store, home: Path) -> tuple[list[str], dict[str, Any], dict[s
 
 
 def cmd_compare(args) -> int:
-    if args.max_new_tokens < 1 or args.limit < 0:
-        return fail("--max-new-tokens must be ≥ 1 and --limit ≥ 0 (0 = all rows)")
+    if args.max_new_tokens < 1 or args.limit < 0 or args.repetition_penalty <= 0:
+        return fail("--max-new-tokens must be ≥ 1, --limit ≥ 0 (0 = all rows), --repetition-penalty > 0 (1 = none)")
     if bool(args.prompts) == bool(args.val):
         return fail(
             "give the evaluation prompts: --prompts FILE (any dataset file or id) or --val (the run's held-out rows)"
@@ -71,7 +71,7 @@ def cmd_compare(args) -> int:
     examples, source = MC.prompt_examples(cfg, tok, home, val=bool(args.val), limit=args.limit)
     if args.val:
         source += f" (run {first.id}'s held-out split)"
-    params = GenParams(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    params = GenParams(max_new_tokens=args.max_new_tokens, temperature=0.0, repetition_penalty=args.repetition_penalty)
     result = MC.compare(chat, examples, {k: names[k] for k in keys}, params, labels, source)
     result["stored"] = [str(p) for p in C.save_result(result, [compare_path(r, home) for r in runs.values()])]
     if args.csv:
@@ -112,6 +112,12 @@ def register(sub) -> None:
     sp.add_argument("--prompts", metavar="FILE", help="evaluation rows: any dataset the trainer reads (JSONL, CSV, …)")
     sp.add_argument("--val", action="store_true", help="the first run's held-out validation rows")
     sp.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    sp.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=GenParams.repetition_penalty,
+        help=f"greedy decoding's repetition penalty (default {GenParams.repetition_penalty}, the Chat tab's; 1 = none)",
+    )
     sp.add_argument("--limit", type=int, default=0, help="compare on the first N rows only (default 0 = all)")
     sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     sp.add_argument("--csv", metavar="OUT.csv", help="also write one row per prompt × model")
