@@ -94,6 +94,7 @@ def build_app(
         history_tab.select(*history.refresh, api_name=False, show_progress="hidden")
         demo.load(*history.refresh, api_name=False, show_progress="hidden")
         lists = [getattr(built.get(k), "refresh", None) for k in ("chat", "spectra", "calculator", "sweeps")]
+        lists.append(history.compare_refresh)
         wire_run_lists(demo, store, [r for r in lists if r], on_change=[history.refresh])
         for tab in built.values():
             if getattr(tab, "on_load", None):

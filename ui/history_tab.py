@@ -21,8 +21,9 @@ import pandas as pd
 
 from engine.core.events import format_duration
 from engine.core.export import ExportError, export_adapter_zip
-from engine.core.runs import deletable_folder
+from engine.core.runs import best_info, deletable_folder
 from storage import RunStatus
+from ui.compare_panel import build_compare_panel
 from ui.errors import refuse, warn
 from ui.plots import compare_figure, loss_figure, lr_figure, reindex
 
@@ -239,22 +240,35 @@ def delete_run(run_id: int | None, confirm: bool, statuses: Sequence[str] | None
     return f"Deleted run #{r.id} and {folder}.", table, picks, compares, False
 
 
-def export_adapter(run_id: int, *, store, home: Path) -> Path:
-    """The run's adapter zip with its model card (engine.core.export's one exporter)."""
+def export_adapter(run_id: int, which: str = "last", *, store, home: Path) -> Path:
+    """The run's adapter zip (its last or its best adapter) with its model card (engine.core.export's exporter)."""
     r = store.get_run(int(run_id))
     try:
-        return export_adapter_zip(r, store, home)
+        return export_adapter_zip(r, store, home, which=which)
     except ExportError as e:
         raise ValueError(str(e)) from None
 
 
-def download_adapter(run_id: int | None, *, store, home: Path):
+def download_adapter(run_id: int | None, which: str | None = "last", *, store, home: Path):
     if run_id is None:
         raise refuse("Choose a run first")
     try:
-        return gr.update(value=str(export_adapter(int(run_id), store=store, home=home)), visible=True)
+        path = export_adapter(int(run_id), which or "last", store=store, home=home)
+        return gr.update(value=str(path), visible=True)
     except ValueError as e:
         raise refuse(str(e)) from None
+
+
+def adapter_choices(run_id: int | None, *, store):
+    """The run's adapters to download: its last one, and its best validation step's where it kept one."""
+    choices = [("last adapter", "last")]
+    try:
+        best = best_info(store.get_run(int(run_id))) if run_id is not None else None
+    except KeyError:
+        best = None
+    if best is not None:
+        choices.append((f"best adapter (step {best['step']}, val {best['val_loss']:.3f})", "best"))
+    return gr.update(choices=choices, value="last")
 
 
 @dataclass
@@ -262,6 +276,7 @@ class HistoryTab:
     run_pick: Any
     relaunch_btn: Any
     refresh: Any  # (fn, inputs, outputs) to run when the tab is opened or the page loads
+    compare_refresh: Any = None  # the Compare outcomes section's model choices, whenever the runs change
 
 
 def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
@@ -281,6 +296,7 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
     with gr.Row():
         run_pick = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="history-run")
         relaunch_btn = gr.Button("Relaunch in the Train tab", scale=1)
+        which = gr.Radio([("last adapter", "last")], value="last", label="Adapter", scale=2, elem_id="history-which")
         download_btn = gr.Button("Download adapter (.zip)", scale=1)
     adapter_file = gr.File(label="Adapter zip", visible=False, interactive=False)
     summary = gr.Markdown(elem_id="history-summary")
@@ -305,6 +321,7 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         smoothing = gr.Slider(0, 0.99, 0.0, step=0.01, label="Smoothing (EMA)", scale=2)
     compare_plot = gr.Plot(label="Loss curves", elem_id="compare-plot")
     diff_table = gr.Dataframe(pd.DataFrame(columns=["field"]), interactive=False, label="Config fields that differ")
+    compare_refresh = build_compare_panel(store, backend, home)
 
     refresh = (partial(refresh_history, store=store), [statuses, text], [table, run_pick, compare_ids])
     gr.on([refresh_btn.click, statuses.change, text.submit], *refresh, api_name="history")
@@ -327,6 +344,10 @@ def build_history_tab(store, runner, home: Path, backend) -> HistoryTab:
         api_name="delete_run",
     )
     download_btn.click(
-        partial(download_adapter, store=store, home=home), [run_pick], [adapter_file], api_name="download_adapter"
+        partial(download_adapter, store=store, home=home),
+        [run_pick, which],
+        [adapter_file],
+        api_name="download_adapter",
     )
-    return HistoryTab(run_pick=run_pick, relaunch_btn=relaunch_btn, refresh=refresh)
+    run_pick.change(partial(adapter_choices, store=store), [run_pick], [which], api_name=False)
+    return HistoryTab(run_pick=run_pick, relaunch_btn=relaunch_btn, refresh=refresh, compare_refresh=compare_refresh)

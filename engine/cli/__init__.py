@@ -6,6 +6,7 @@
     python -m engine generate --run ID --prompt "Who are you?"
     python -m engine inspect MODEL [--json]                # architecture and LoRA-able modules
     python -m engine importance ID [--dataset D] [--json]  # LoRA-drop's output importance per module
+    python -m engine compare --runs 3 best:3 --base --val  # outputs and scores side by side
     loralab app [--port 8080 ...]                          # the web app (app.py, ui/server.py)
 
 Global flags: --home DIR (data home, default $LORALAB_HOME or ~/.loralab), --db-url URL (another
@@ -20,7 +21,7 @@ import argparse
 import os
 import sys
 
-from engine.cli import analyses, chat, check, hub, importance, insight, model, queue, sweep, train
+from engine.cli import analyses, chat, check, compare, hub, importance, insight, model, queue, sweep, train
 from engine.cli.common import fail, internal_error, is_user_error
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,6 +37,7 @@ SUBCOMMANDS = (
     hub,
     sweep,
     analyses,
+    compare,
 )  # each has register(subparsers)
 
 

@@ -55,7 +55,7 @@ def cmd_export(args) -> int:
     try:
         run = store.get_run(args.id)
         if args.zip:
-            print(f"adapter zip: {export_adapter_zip(run, store, home, args.zip)}")
+            print(f"adapter zip: {export_adapter_zip(run, store, home, args.zip, which=args.adapter)}")
         if args.merged:
             card = model_card(run, stored_summary(store, run.id), merged=True)
             out = merge_run(run, Path(args.merged), home, dtype=args.dtype, overwrite=args.force, card=card)
@@ -171,6 +171,12 @@ def register(sub) -> None:
     e.add_argument("id", type=run_or_folder, help="a run id, or (for --gguf / --gguf-adapter) a PEFT adapter folder")
     e.add_argument("--merged", metavar="OUT_DIR", help="save base + adapter merged (merge_and_unload) here")
     e.add_argument("--zip", metavar="OUT.zip", help="write the adapter folder (with a model card) as a zip")
+    e.add_argument(
+        "--adapter",
+        choices=("last", "best"),
+        default="last",
+        help="with --zip: the run's last adapter, or its best validation step's (early stopping)",
+    )
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"], help="merged weights' dtype")
     e.add_argument(
         "--force",

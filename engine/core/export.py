@@ -23,7 +23,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from engine.core.config import EMBEDDED_MODEL
-from engine.core.runs import ADAPTER_CONFIG, adapter_dir, adapter_zip_path, is_adapter_folder
+from engine.core.runs import (
+    ADAPTER_CONFIG,
+    adapter_dir,
+    adapter_zip_path,
+    best_info,
+    chosen_adapter,
+    is_adapter_folder,
+)
 from engine.core.spectrum import record_stats, summarize
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
@@ -126,9 +133,23 @@ def stored_summary(store, run_id: int) -> dict[str, Any]:
     return summarize({name: record_stats(rec) for name, rec in store.get_spectra(run_id).items()})
 
 
-def export_adapter_zip(run: Any, store, home: str | Path, out_zip: str | Path | None = None) -> Path:
-    """THE adapter zip of a run: its PEFT folder plus a model card; <home>/exports/run-<id>-adapter.zip."""
+def export_adapter_zip(
+    run: Any, store, home: str | Path, out_zip: str | Path | None = None, which: str = "last"
+) -> Path:
+    """THE adapter zip of a run: its PEFT folder plus a model card; <home>/exports/run-<id>-adapter.zip.
+    which="best": the adapter of the best validation step (early stopping), run-<id>-best-adapter.zip."""
     card = model_card(run, stored_summary(store, run.id))
+    if which != "last":
+        try:
+            folder = chosen_adapter(run, which, home)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        best = best_info(run, home) or {}
+        card += (
+            f"\n\n**This is the adapter of the best validation step** (step {best.get('step')}, val loss "
+            f"{best.get('val_loss')}), kept by early stopping beside the last one; the losses above are the run's.\n"
+        )
+        return zip_adapter(folder, out_zip or adapter_zip_path(home, run.id, which), card)
     return zip_adapter(run_adapter(run, home), out_zip or adapter_zip_path(home, run.id), card)
 
 

@@ -6,10 +6,12 @@
     <home>/runs/<id>/adapter/               the final PEFT adapter (adapter_config.json + adapter_model.safetensors)
     <home>/runs/<id>/best_adapter/          the adapter of the best validation step (early stopping, keep_best)
     <home>/runs/<id>/best.json              which step that was and its val loss: {"step", "val_loss", ...}
-    <home>/exports/run-<id>-adapter.zip     the adapter with its model card
+    <home>/runs/<id>/compare.json           the latest outcome comparison this run took part in (engine.core.compare)
+    <home>/exports/run-<id>-adapter.zip     the adapter with its model card (run-<id>-best-adapter.zip: the best one)
     <home>/exports/run-<id>-merged/         base + adapter merged
     <home>/exports/run-<id>.gguf            base + adapter merged, as GGUF (+ run-<id>.Modelfile for Ollama)
     <home>/exports/run-<id>-lora.gguf       the adapter as a llama.cpp LoRA GGUF (+ run-<id>-lora.Modelfile)
+    <home>/exports/compare-runs-<ids>.csv   an outcome comparison of those runs, one row per prompt × model
 
 The trainer writes these names, the job queue, the CLI and the UI read them: all through this module.
 `run` below is a storage RunRecord (anything with id, out_dir and adapter_dir).
@@ -31,6 +33,7 @@ KEEP_CHECKPOINTS = 2
 ADAPTER_CONFIG = "adapter_config.json"
 BEST_ADAPTER_DIRNAME = "best_adapter"
 BEST_MARK = "best.json"
+COMPARE_RESULT = "compare.json"
 ADAPTER_CHOICES = ("last", "best")  # which of a run's adapters: the final one, or the best validation step's
 
 
@@ -84,8 +87,9 @@ def exports_dir(home: str | Path) -> Path:
     return p
 
 
-def adapter_zip_path(home: str | Path, run_id: int) -> Path:
-    return exports_dir(home) / f"run-{run_id}-adapter.zip"
+def adapter_zip_path(home: str | Path, run_id: int, which: str = "last") -> Path:
+    """run-<id>-adapter.zip, or run-<id>-best-adapter.zip for the best validation step's adapter."""
+    return exports_dir(home) / f"run-{run_id}{'-best' if which == 'best' else ''}-adapter.zip"
 
 
 def merged_path(home: str | Path, run_id: int) -> Path:
@@ -127,6 +131,15 @@ def chosen_adapter(run: Any, which: str = "last", home: str | Path | None = None
             f"run {run.id} kept no best adapter (train.early_stopping_patience or train.keep_best, with validation)"
         )
     return Path(best["adapter_dir"])
+
+
+def compare_csv_path(home: str | Path, run_ids: list[int]) -> Path:
+    return exports_dir(home) / f"compare-runs-{'-'.join(str(i) for i in sorted(set(run_ids)))}.csv"
+
+
+def compare_path(run: Any, home: str | Path | None = None) -> Path:
+    """Where the latest outcome comparison that included this run is stored."""
+    return run_folder(run, home) / COMPARE_RESULT
 
 
 def deletable_folder(home: str | Path, run: Any) -> Path:

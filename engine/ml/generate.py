@@ -248,6 +248,23 @@ class ChatModel:
     def reply(self, messages: list[dict[str, str]], adapter: str | None = None, params: GenParams = GenParams()) -> str:
         return "".join(self.stream(messages, adapter, params))
 
+    def complete(self, ids: list[int], adapter: str | None = None, params: GenParams = GenParams()) -> str:
+        """The continuation of already tokenized prompt ids (a rendered chat up to the assistant's turn)."""
+        x = torch.tensor([list(ids)], device=self.device)
+        with self.lock, torch.no_grad():
+            self._activate(adapter)
+            torch.manual_seed(params.seed)
+            out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **self._gen_kwargs(params))
+        return self.tok.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+
+    def losses(self, batch: dict[str, torch.Tensor], adapter: str | None = None) -> torch.Tensor:
+        """engine.ml.steps.token_losses of a collated batch with `adapter` (None: the base) in use."""
+        from engine.ml.steps import token_losses
+
+        with self.lock, torch.no_grad():
+            self._activate(adapter)
+            return token_losses(self.model, {k: v.to(self.device) for k, v in batch.items()}, fast=False)
+
     def generate_many(
         self,
         panes: list[tuple[Hashable, list[dict[str, str]], str | None]],
