@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.cli.common import fail, home_of, key_error, open_store, print_json
+from engine.cli.common import fail, home_of, key_error, open_store, print_json, print_phi_grid
 from engine.cli.insight import PHI_USES, adapter_ref
 from engine.core.runs import is_adapter_folder
 
@@ -53,9 +53,7 @@ def cmd_phi(args) -> int:
         print_json(out)
         return 0
     print(f"mean φ(i, j) over {len(grids)} {args.kind} modules: {a} vs {b} ({args.use}, {args.side} directions)")
-    print("      " + " ".join(f"j={c:<4}" for c in range(1, cols + 1)))
-    for i, row in enumerate(mean, 1):
-        print(f"i={i:<3} " + " ".join(f"{v:6.3f}" for v in row))
+    print_phi_grid(mean)
     return 0
 
 

@@ -81,6 +81,13 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def print_phi_grid(grid: list[list[float]]) -> None:
+    """φ(i, j) as a text table: a row per i, a column per j (engine spectra --similarity, engine phi)."""
+    print("      " + " ".join(f"j={c:<4}" for c in range(1, len(grid[0]) + 1)))
+    for i, row in enumerate(grid, 1):
+        print(f"i={i:<3} " + " ".join(f"{v:6.3f}" for v in row))
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.cli.common import fail, home_of, key_error, open_store, print_json
+from engine.cli.common import fail, home_of, key_error, open_store, print_json, print_phi_grid
 from engine.core.runs import adapter_dir, is_adapter_folder
 
 # What φ compares (Hu et al., LoRA §7.2, App. G): which factor's singular directions, on which side.
@@ -106,9 +106,7 @@ def similarity(args) -> int:
         print_json(out)
         return 0
     print(f"φ(i, j) for {args.module}: {a} (r {r1}) vs {b} (r {r2}), {args.use} {args.side}-singular directions")
-    print("      " + " ".join(f"j={c:<4}" for c in range(1, j + 1)))
-    for row_i, row in enumerate(grid, 1):
-        print(f"i={row_i:<3} " + " ".join(f"{v:6.3f}" for v in row))
+    print_phi_grid(grid)
     return 0
 
 
